@@ -1,0 +1,45 @@
+"""Where a stage's rows come from: a verifiable task, a local data file, or a Hub dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import DatasetDict
+
+from hf_ext.errors import UserInputError
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def describe_source(script_args) -> str:
+    return f"task {script_args.task}" if script_args.task else str(script_args.dataset_name)
+
+
+def load_splits(script_args, seed: int) -> DatasetDict:
+    """`train` (and `test` when there is one) rows for the recipe's `task` or `dataset_name`."""
+    if script_args.task:
+        from hf_ext.data.tasks import TASKS
+
+        return TASKS[script_args.task].splits(script_args.task_train_size, script_args.task_eval_size, seed)
+
+    import datasets
+
+    name = script_args.dataset_name
+    path = Path(name)
+    try:
+        if path.suffix in _BUILDERS and path.is_file():
+            loaded = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path))
+        elif path.is_dir() and (path / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(name, script_args.dataset_config)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserInputError(f"dataset {name}: could not be loaded: {first_line}") from None
+    except Exception as error:  # datasets' JSON/CSV parse errors have no common base class
+        raise UserInputError(f"dataset {name}: not readable as {path.suffix or 'a dataset'}: {type(error).__name__}: {str(error)[:200]}") from None
+
+    splits = {"train": script_args.dataset_train_split, "test": script_args.dataset_test_split}
+    if splits["train"] not in loaded:
+        raise UserInputError(f"dataset {name}: no split {splits['train']!r} (has: {', '.join(loaded)})")
+    return DatasetDict({key: loaded[split] for key, split in splits.items() if split in loaded})

@@ -1,0 +1,113 @@
+"""Verifiable tasks: deterministic generators with exact verifiers.
+
+A task turns a seeded random generator into examples (`prompt`, `completion`, `answer`) and judges a model's response
+with `verify` (exact match after normalisation) and `reward` (a float in [0, 1] for RL-style stages). Train and eval
+splits never share a prompt. The same interface feeds SFT (prompt/completion), preference pairs (reward ranks
+samples), SDFT and TTT-Discover.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from datasets import Dataset, DatasetDict
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+    answer: str
+
+
+def normalize(text: str) -> str:
+    """Whitespace-collapsed, with a trailing period removed: 'answer only' responses compare on content alone."""
+    return " ".join(text.split()).rstrip(".").strip()
+
+
+class Task(ABC):
+    """A family of prompts with one exact answer each."""
+
+    name: str
+    description: str
+
+    @abstractmethod
+    def sample(self, rng: random.Random) -> Example:
+        """One example drawn with `rng`."""
+
+    def verify(self, response: str, answer: str) -> bool:
+        return normalize(response) == normalize(answer)
+
+    def reward(self, response: str, answer: str) -> float:
+        return float(self.verify(response, answer))
+
+    def splits(self, train_size: int, eval_size: int, seed: int = 42) -> DatasetDict:
+        """`train` and `test` splits with disjoint prompts, identical for the same sizes and seed."""
+        rng = random.Random(f"{self.name}-{seed}")
+        seen: set[str] = set()
+        rows: list[Example] = []
+        attempts = 0
+        while len(rows) < train_size + eval_size:
+            attempts += 1
+            if attempts > 50 * (train_size + eval_size) + 1000:
+                raise ValueError(
+                    f"task {self.name}: cannot draw {train_size + eval_size} distinct prompts "
+                    f"(only {len(rows)} found); ask for fewer examples"
+                )
+            example = self.sample(rng)
+            if example.prompt not in seen:
+                seen.add(example.prompt)
+                rows.append(example)
+        as_columns = lambda part: Dataset.from_dict(  # noqa: E731
+            {key: [getattr(e, key) for e in part] for key in ("prompt", "completion", "answer")}
+        )
+        return DatasetDict(test=as_columns(rows[:eval_size]), train=as_columns(rows[eval_size:]))
+
+
+class Addition(Task):
+    def __init__(self, digits: int = 2):
+        self.digits = digits
+        self.name = "addition" if digits == 2 else f"addition_{digits}digit"
+        self.description = f"sum of two {digits}-digit numbers"
+
+    def sample(self, rng: random.Random) -> Example:
+        low, high = 10 ** (self.digits - 1), 10**self.digits - 1
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        answer = str(a + b)
+        return Example(f"What is {a} + {b}? Reply with the number only.", answer, answer)
+
+
+class Sorting(Task):
+    name = "sorting"
+    description = "five numbers from 0 to 99 in ascending order"
+
+    def sample(self, rng: random.Random) -> Example:
+        numbers = [rng.randint(0, 99) for _ in range(5)]
+        answer = " ".join(map(str, sorted(numbers)))
+        prompt = (
+            f"Sort these numbers in ascending order: {' '.join(map(str, numbers))}. "
+            "Reply with the sorted numbers separated by spaces only."
+        )
+        return Example(prompt, answer, answer)
+
+    def reward(self, response: str, answer: str) -> float:
+        """Fraction of positions that hold the right number (1.0 only for the exact answer)."""
+        got, want = normalize(response).split(), answer.split()
+        if got == want:
+            return 1.0
+        return 0.99 * sum(g == w for g, w in zip(got, want)) / len(want)
+
+
+class Reversal(Task):
+    name = "reversal"
+    description = "a five-letter lowercase string reversed"
+
+    def sample(self, rng: random.Random) -> Example:
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(5))
+        return Example(f"Reverse the string '{word}'. Reply with the reversed string only.", word[::-1], word[::-1])
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (Addition(2), Addition(3), Sorting(), Reversal())}

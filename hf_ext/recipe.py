@@ -1,0 +1,265 @@
+"""Recipes: one YAML file per job, parsed into (script args, stage config, model config) like TRL's own CLI.
+
+A recipe is a flat mapping of the fields of `ScriptArguments`, the stage's TRL config (e.g. `SFTConfig`) and TRL's
+`ModelConfig`, plus the reserved keys `stage`, `accelerate_config`, `num_processes` and `env`. Command-line
+`--key value` pairs override the YAML. Every value goes through the same argparse type conversion as on the command
+line (so `learning_rate: 2e-4`, which YAML reads as a string, becomes a float), and every unknown key is an error
+that names the file and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import ModelConfig, TrlParser
+from trl import ScriptArguments as TrlScriptArguments
+
+from hf_ext.errors import UserInputError
+
+RESERVED_KEYS = ("stage", "accelerate_config", "num_processes", "env")
+DATA_FORMATS = ("auto", "prompt_completion", "messages", "instruction")
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+
+
+@dataclass
+class ScriptArguments(TrlScriptArguments):
+    """Data and evaluation keys shared by every stage (on top of TRL's `dataset_name`, splits, ...)."""
+
+    task: str | None = field(
+        default=None,
+        metadata={"help": "Verifiable task to train and evaluate on (see `hf_ext.data.tasks.TASKS`)."},
+    )
+    task_train_size: int = field(default=2000, metadata={"help": "Generated training examples of `task`."})
+    task_eval_size: int = field(default=200, metadata={"help": "Generated held-out examples of `task`."})
+    data_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How rows become tokens: prompt_completion (plain text), messages (chat template), "
+            "instruction (base-model 'Instruction:/Response:/END' text). auto picks from the columns.",
+            "choices": list(DATA_FORMATS),
+        },
+    )
+    base_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id written as `base_model` in the model card when the model came from a file."},
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "Prompts per batch in accuracy evaluation."})
+    eval_max_new_tokens: int = field(default=16, metadata={"help": "Generation budget in accuracy evaluation."})
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Measure task accuracy of the untrained model too."}
+    )
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's `ModelConfig` with QLoRA-paper defaults: LoRA on every linear layer, dropout 0.1, double quantization."""
+
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules to adapt: 'all-linear' (every nn.Linear but the output layer) or names."},
+    )
+    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantization of 4-bit weights."})
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: the three argument dataclasses plus the reserved launch keys."""
+
+    path: Path
+    stage: str
+    script_args: Any
+    training_args: Any
+    model_args: Any
+    accelerate_config: str | None = None
+    num_processes: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    explicit_keys: list[str] = field(default_factory=list)
+
+    def needs_launcher(self) -> bool:
+        return self.accelerate_config is not None or (self.num_processes or 1) > 1
+
+    def resolved(self) -> dict[str, Any]:
+        """Every key the recipe or the command line set, with its parsed value: a recipe that reproduces the run."""
+        values: dict[str, Any] = {}
+        for args in (self.script_args, self.model_args):
+            values.update(dataclasses.asdict(args))
+        values.update(self.training_args.to_dict())
+        out: dict[str, Any] = {"stage": self.stage}
+        for key in ("accelerate_config", "num_processes"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.env:
+            out["env"] = dict(self.env)
+        for key in self.explicit_keys:
+            out[key] = values[key]
+        return out
+
+    def write(self, path: str | Path) -> None:
+        import importlib.metadata as md
+
+        versions = ", ".join(f"{p} {md.version(p)}" for p in ("hf_ext", "transformers", "trl", "peft", "torch"))
+        header = f"# Resolved from {self.path} ({versions}).\n# Re-run with: hf-ext train {path}\n"
+        Path(path).write_text(header + yaml.safe_dump(self.resolved(), sort_keys=False))
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserInputError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: a recipe must be a YAML mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def split_overrides(args: list[str]) -> dict[str, str | list[str]]:
+    """`["--lr", "1e-4", "--x=1", "--tags", "a", "b"]` -> `{"lr": "1e-4", "x": "1", "tags": ["a", "b"]}`."""
+    overrides: dict[str, str | list[str]] = {}
+    key = None
+    for arg in args:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            overrides[key] = value if eq else []
+        elif key is None:
+            raise UserInputError(f"command line: expected --key value overrides, got {arg!r}")
+        elif isinstance(overrides[key], list):
+            overrides[key].append(arg)
+        else:
+            raise UserInputError(f"command line: --{key} was given as --{key}=value and then also {arg!r}")
+    return {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in overrides.items()}
+
+
+def _to_argv(key: str, value: Any) -> list[str]:
+    if isinstance(value, bool):
+        return [f"--{key}", str(value).lower()]
+    if isinstance(value, (list, tuple)):
+        return [f"--{key}", *(json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in value)]
+    if isinstance(value, dict):
+        return [f"--{key}", json.dumps(value)]
+    return [f"--{key}", str(value)]
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _parser(dataclass_types: list[type], source: str):
+    class RecipeParser(TrlParser):
+        def error(self, message: str):  # argparse would print usage and exit; we want one line naming the file
+            message = message.replace("argument --", "key '").replace(": ", "': ", 1) if "argument --" in message else message
+            raise UserInputError(f"{source}: {message}")
+
+    return RecipeParser(dataclass_types)
+
+
+def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Parse `path` with `--key value` `overrides` into a validated `Recipe` (no model or data is loaded)."""
+    from hf_ext.trainers import STAGES, get_stage
+
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    cli = split_overrides(list(overrides or []))
+    source = str(path) if not cli else f"{path} (+ command line)"
+
+    stage = cli.pop("stage", None) or data.pop("stage", None)
+    data.pop("stage", None)
+    if stage is None:
+        raise UserInputError(f"{path}: missing key 'stage' (one of: {', '.join(STAGES)})")
+    if stage not in STAGES:
+        raise UserInputError(f"{path}: key 'stage': unknown stage {stage!r}{_closest(str(stage), list(STAGES))}; valid: {', '.join(STAGES)}")
+
+    env = data.pop("env", None) or {}
+    if not isinstance(env, dict) or not all(isinstance(v, (str, int, float, bool)) for v in env.values()):
+        raise UserInputError(f"{path}: key 'env' must map variable names to strings, got {env!r}")
+    env = {str(k): str(v) for k, v in env.items()}
+
+    accelerate_config = cli.pop("accelerate_config", data.pop("accelerate_config", None))
+    data.pop("accelerate_config", None)
+    if accelerate_config is not None and not isinstance(accelerate_config, str):
+        raise UserInputError(f"{path}: key 'accelerate_config' must be a name (ddp, zero2, zero3, fsdp) or a path")
+    num_processes = cli.pop("num_processes", data.pop("num_processes", None))
+    data.pop("num_processes", None)
+    if num_processes is not None:
+        try:
+            num_processes = int(num_processes)
+            assert num_processes >= 1
+        except (ValueError, AssertionError, TypeError):
+            raise UserInputError(f"{path}: key 'num_processes' must be a whole number >= 1, got {num_processes!r}") from None
+
+    stage_module = get_stage(stage)
+    dataclass_types = [ScriptArguments, stage_module.Config, ModelArguments]
+    parser = _parser(dataclass_types, source)
+    valid = sorted({a.dest for a in parser._actions if a.dest != "help"} | set(RESERVED_KEYS))
+    for key, where in [(k, str(path)) for k in data] + [(k, "command line") for k in cli]:
+        if key not in valid:
+            raise UserInputError(f"{where}: unknown key '{key}'{_closest(key, valid)}")
+
+    if "output_dir" not in data and "output_dir" not in cli:
+        data["output_dir"] = str(Path("outputs") / path.stem)
+    argv: list[str] = []
+    nulls = {}
+    for key, value in data.items():
+        if value is None or value == []:
+            nulls[key] = value
+        else:
+            argv += _to_argv(key, value)
+    for key, value in cli.items():
+        argv += [f"--{key}", *(value if isinstance(value, list) else [value])]
+    parser.set_defaults(**nulls)
+    try:
+        script_args, training_args, model_args = parser.parse_args_into_dataclasses(argv)
+    except UserInputError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise UserInputError(f"{source}: {' '.join(str(error).split())}") from None
+
+    recipe = Recipe(
+        path=path,
+        stage=stage,
+        script_args=script_args,
+        training_args=training_args,
+        model_args=model_args,
+        accelerate_config=accelerate_config,
+        num_processes=num_processes,
+        env=env,
+        explicit_keys=list(dict.fromkeys([*data, *cli])),
+    )
+    validate_paths(recipe)
+    return recipe
+
+
+def validate_paths(recipe: Recipe) -> None:
+    """Files the recipe names must exist before anything loads."""
+    dataset = recipe.script_args.dataset_name
+    if dataset and (dataset.endswith(LOCAL_DATA_SUFFIXES) or os.sep in dataset or dataset.startswith(".")):
+        if not Path(dataset).exists():
+            raise UserInputError(f"{recipe.path}: key 'dataset_name': file {dataset} does not exist")
+    if recipe.script_args.dataset_name and recipe.script_args.task:
+        raise UserInputError(f"{recipe.path}: set either 'dataset_name' or 'task', not both")
+    if not recipe.script_args.dataset_name and not recipe.script_args.task:
+        raise UserInputError(f"{recipe.path}: no training data: set 'task' (a verifiable task) or 'dataset_name'")
+    if recipe.script_args.task:
+        from hf_ext.data.tasks import TASKS
+
+        if recipe.script_args.task not in TASKS:
+            raise UserInputError(
+                f"{recipe.path}: key 'task': unknown task {recipe.script_args.task!r}"
+                f"{_closest(recipe.script_args.task, list(TASKS))}; valid: {', '.join(TASKS)}"
+            )
+    if getattr(recipe.script_args, "datasets", None):
+        raise UserInputError(f"{recipe.path}: key 'datasets' (TRL dataset mixtures) is not supported; use 'dataset_name'")
+    if recipe.model_args.model_name_or_path is None:
+        raise UserInputError(f"{recipe.path}: missing key 'model_name_or_path'")

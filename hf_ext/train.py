@@ -1,0 +1,171 @@
+"""`python -m hf_ext.train RECIPE [--key value ...]`: run one recipe in this process (the accelerate entry point).
+
+`accelerate launch [flags] -m hf_ext.train recipes/sft.yaml` runs it on every rank; `hf-ext train` builds that
+command when the recipe asks for several processes or an accelerate config.
+
+Order of work, so that bad input never leaves a folder that looks finished: parse and validate the recipe, resolve
+the model and encode every data row (no output folder yet), then create the output folder with `recipe.yaml`,
+train, save, evaluate, and write `metrics.json` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hf_ext.errors import UserInputError
+
+logger = logging.getLogger("hf_ext")
+
+
+def apply_env(recipe_path: str) -> None:
+    """Set the recipe's `env` before torch/transformers/huggingface_hub read their environment at import."""
+    from hf_ext.recipe import read_yaml_mapping
+
+    for key, value in (read_yaml_mapping(recipe_path).get("env") or {}).items():
+        os.environ[str(key)] = str(value)
+
+
+def _resume_argument(value: str | None, output_dir: str) -> str | bool | None:
+    if value is None or value.lower() in ("false", "no", "0", ""):
+        return None
+    if value.lower() in ("true", "yes", "1"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if not Path(output_dir).is_dir() or get_last_checkpoint(output_dir) is None:
+            logger.warning("resume_from_checkpoint: no checkpoint in %s yet, starting from step 0", output_dir)
+            return None
+        return True
+    if not Path(value).is_dir():
+        raise UserInputError(f"resume_from_checkpoint: checkpoint folder {value} does not exist")
+    return value
+
+
+def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
+    """Run a recipe to the end in this process (one rank of a launch); returns the metrics it wrote."""
+    import torch
+    from accelerate import PartialState
+
+    from hf_ext.data.formats import detect_format
+    from hf_ext.data.tasks import TASKS
+    from hf_ext.eval.accuracy import evaluate_task
+    from hf_ext.hub import render_model_card
+    from hf_ext.loading import load_model, load_tokenizer, peft_config
+    from hf_ext.recipe import parse_recipe
+    from hf_ext.report import LOSS_CURVE_FILE, METRICS_FILE, loss_curve, plot_loss_curve, write_metrics
+    from hf_ext.trainers import get_stage
+
+    recipe = parse_recipe(recipe_path, overrides)
+    script_args, training_args, model_args = recipe.script_args, recipe.training_args, recipe.model_args
+    stage = get_stage(recipe.stage)
+    state = PartialState()
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    datasets = stage.build_datasets(script_args, training_args, tokenizer)
+    task = TASKS[script_args.task] if script_args.task else None
+    eval_rows = task.splits(script_args.task_train_size, script_args.task_eval_size, training_args.seed)["test"] if task else None
+    data_format = detect_format(eval_rows.column_names, script_args.data_format, f"task {task.name}") if task else None
+
+    output_dir = Path(training_args.output_dir)
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / METRICS_FILE).unlink(missing_ok=True)  # this folder is unfinished until the new metrics land
+        recipe.write(output_dir / "recipe.yaml")
+    state.wait_for_everyone()
+
+    model = load_model(model_args, trust_remote_code=training_args.trust_remote_code)
+    metrics: dict = {"stage": recipe.stage, "recipe": str(recipe.path), "model": model_args.model_name_or_path}
+
+    def accuracy(model_to_score, label: str) -> dict:
+        return evaluate_task(
+            model_to_score, tokenizer, task, eval_rows, data_format,
+            script_args.eval_batch_size, script_args.eval_max_new_tokens, desc=f"Accuracy {label}",
+        )
+
+    if task and script_args.eval_before_training and state.is_main_process:
+        metrics["accuracy_before"] = accuracy(model, "before training")
+        logger.warning("accuracy before training: %.3f", metrics["accuracy_before"]["accuracy"])
+
+    trainer = stage.Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("test") if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=peft_config(model_args),
+    )
+    resume = _resume_argument(training_args.resume_from_checkpoint, str(output_dir))
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    trainer.save_model(str(output_dir))
+    if state.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+        if model_args.use_peft:  # the adapter's base is the user's reference, not the GGUF conversion cache
+            record_adapter_base(output_dir, model_args.model_name_or_path)
+
+    checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters() if p.requires_grad)
+    per_rank = trainer.accelerator.gather_for_metrics(
+        [{"rank": state.process_index, "global_step": trainer.state.global_step, "trainable_checksum": checksum}],
+        use_gather_object=True,
+    )
+
+    if state.is_main_process:
+        if task:
+            metrics["accuracy_after"] = accuracy(trainer.model, "after training")
+            logger.warning("accuracy after training: %.3f", metrics["accuracy_after"]["accuracy"])
+        curve = loss_curve(trainer.state.log_history)
+        metrics.update(
+            task=script_args.task,
+            data_format=data_format.name if data_format else script_args.data_format,
+            global_step=trainer.state.global_step,
+            max_steps=trainer.state.max_steps,
+            resumed_from_checkpoint=bool(resume),
+            train_runtime_seconds=result.metrics.get("train_runtime"),
+            train_loss=result.metrics.get("train_loss"),
+            world_size=state.num_processes,
+            ranks=per_rank,
+            peak_rss_mb=_peak_rss_mb(),
+            loss_curve=curve,
+            torch_threads=torch.get_num_threads(),
+        )
+        if curve["step"]:
+            plot_loss_curve(curve, output_dir / LOSS_CURVE_FILE, f"{recipe.stage}: {model_args.model_name_or_path.split('/')[-1]}")
+        render_model_card(recipe, metrics, template=f"{recipe.stage}.md").save(output_dir / "README.md")
+        write_metrics(output_dir, metrics)
+    state.wait_for_everyone()
+    return metrics
+
+
+def record_adapter_base(adapter_dir: Path, reference: str) -> None:
+    import json
+
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = reference
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m hf_ext.train RECIPE.yaml [--key value ...]")
+        sys.exit(0 if argv else 2)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    try:
+        apply_env(argv[0])
+        run(argv[0], argv[1:])
+    except UserInputError as error:
+        print(f"hf-ext: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""What every hf_ext stage config and trainer adds to its TRL parent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+class StageConfigMixin:
+    """Precision follows the hardware unless the recipe says otherwise: bf16 on a GPU that has it, fp32 on a CPU.
+
+    TRL defaults to bf16 everywhere, which fails on a CPU; a recipe must run unchanged on a laptop and on a pod.
+    """
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = bf16_supported()
+        super().__post_init__()
+
+
+class StageTrainerMixin:
+    """Checkpoints hold no pickle: the training arguments are saved as JSON instead of `training_args.bin`.
+
+    (Weights are safetensors; optimizer, scheduler and RNG states are tensors that transformers reads back with
+    `torch.load(weights_only=True)`, which cannot execute code.)
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        pickled = Path(output_dir, "training_args.bin")
+        if pickled.exists():
+            os.remove(pickled)
+        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
