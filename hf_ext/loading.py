@@ -121,16 +121,28 @@ def gguf_to_folder(gguf_path: str) -> Path:
     return target
 
 
+def adapter_base(adapter_dir: str) -> str:
+    """The base model of an adapter: the exact reference it was trained from when hf_ext saved its recipe next to
+    it (e.g. the offline GGUF), else `base_model_name_or_path` (a Hub id for adapters from the Hub)."""
+    recipe = Path(adapter_dir) / "recipe.yaml"
+    if recipe.is_file():
+        import yaml
+
+        reference = (yaml.safe_load(recipe.read_text()) or {}).get("model_name_or_path")
+        if reference:
+            return reference
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if not config.get("base_model_name_or_path"):
+        raise UserInputError(f"adapter {adapter_dir}: adapter_config.json names no base_model_name_or_path")
+    return config["base_model_name_or_path"]
+
+
 def _loadable(source: ModelSource) -> str:
     """Folder or Hub id that `from_pretrained` can read for `source` (converting a GGUF first)."""
     if source.kind == "gguf":
         return str(gguf_to_folder(source.location))
     if source.kind == "adapter":
-        config = json.loads((Path(source.location) / "adapter_config.json").read_text())
-        base = config.get("base_model_name_or_path")
-        if not base:
-            raise UserInputError(f"adapter {source.reference}: adapter_config.json names no base_model_name_or_path")
-        return _loadable(resolve_model(base))
+        return _loadable(resolve_model(adapter_base(source.location)))
     return source.location
 
 

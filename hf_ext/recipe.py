@@ -25,6 +25,16 @@ from hf_ext.errors import UserInputError
 
 RESERVED_KEYS = ("stage", "accelerate_config", "num_processes", "env")
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "instruction")
+# Keys that recipes written for older transformers/TRL still use (see the spec's "recipes rot").
+RENAMED_KEYS = {
+    "torch_dtype": "dtype",
+    "max_seq_length": "max_length",
+    "evaluation_strategy": "eval_strategy",
+    "warmup_ratio": "warmup_steps (a value below 1 is a fraction of the run)",
+    "use_auth_token": "hub_token",
+    "overwrite_output_dir": "nothing: remove it (a new run overwrites; resume_from_checkpoint continues)",
+    "dataset_mixer": "dataset_name",
+}
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
 
 
@@ -152,6 +162,8 @@ def _to_argv(key: str, value: Any) -> list[str]:
 
 
 def _closest(key: str, valid: list[str]) -> str:
+    if key in RENAMED_KEYS:
+        return f" (renamed: use {RENAMED_KEYS[key]})"
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
 

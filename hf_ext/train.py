@@ -51,7 +51,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     from hf_ext.data.formats import detect_format
     from hf_ext.data.tasks import TASKS
     from hf_ext.eval.accuracy import evaluate_task
-    from hf_ext.hub import render_model_card
+    from hf_ext.hub import hub_base_model, render_model_card
     from hf_ext.loading import load_model, load_tokenizer, peft_config
     from hf_ext.recipe import parse_recipe
     from hf_ext.report import LOSS_CURVE_FILE, METRICS_FILE, loss_curve, plot_loss_curve, write_metrics
@@ -102,8 +102,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     trainer.save_model(str(output_dir))
     if state.is_main_process:
         tokenizer.save_pretrained(output_dir)
-        if model_args.use_peft:  # the adapter's base is the user's reference, not the GGUF conversion cache
-            record_adapter_base(output_dir, model_args.model_name_or_path)
+        if model_args.use_peft:  # the Hub id (for PEFT and the Hub), never the local GGUF conversion cache
+            record_adapter_base(output_dir, hub_base_model(recipe) or model_args.model_name_or_path)
 
     checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters() if p.requires_grad)
     per_rank = trainer.accelerator.gather_for_metrics(

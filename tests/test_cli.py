@@ -1,0 +1,158 @@
+"""The README commands, end to end, on the real SmolLM2-135M-Instruct with QLoRA (small step counts)."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, cli_env, run_cli
+
+SMALL = [
+    "--per_device_train_batch_size", "2",
+    "--task_train_size", "64",
+    "--task_eval_size", "8",
+    "--eval_batch_size", "8",
+    "--logging_steps", "1",
+    "--save_steps", "2",
+]
+
+
+def front_matter(readme: Path) -> dict:
+    return yaml.safe_load(readme.read_text().split("---")[1])
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_main_job_and_writes_every_artifact(tmp_path):
+    out = tmp_path / "sft"
+    result = run_cli(
+        "accelerate", "launch", "--num_processes", "1", "-m", "hf_ext.train", "recipes/sft.yaml",
+        "--max_steps", "4", "--output_dir", str(out), *SMALL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert not list(out.rglob("*.bin")), "no pickled files anywhere (training_args is JSON)"
+    for state_file in out.glob("checkpoint-*/*.p*"):  # optimizer/scheduler/rng: plain tensors, no code
+        torch.load(state_file, weights_only=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["world_size"] == 1
+    assert metrics["loss_curve"]["step"] == [1, 2, 3, 4] and all(v > 0 for v in metrics["loss_curve"]["loss"])
+    for key in ("accuracy_before", "accuracy_after"):
+        assert metrics[key]["num_examples"] == 8 and 0 <= metrics[key]["accuracy"] <= 1
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    card = front_matter(out / "README.md")
+    assert card["library_name"] == "peft" and card["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"hf_ext", "sft", "trl"} <= set(card["tags"])
+    assert card["model-index"][0]["results"][0]["metrics"][0]["value"] == round(metrics["accuracy_after"]["accuracy"], 4)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["max_steps"] == 4 and saved["output_dir"] == str(out) and saved["stage"] == "sft"
+
+    evaluation = run_cli("hf-ext", "eval", "--model", str(out), "--output", str(tmp_path / "eval.json"))
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    scored = json.loads((tmp_path / "eval.json").read_text())[0]
+    assert scored["num_examples"] == 8 and scored["accuracy"] == metrics["accuracy_after"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_two_process_run_trains_on_both_ranks(tmp_path):
+    out = tmp_path / "ddp"
+    result = run_cli("hf-ext", "train", "recipes/sft.yaml", "--num_processes", "2", "--max_steps", "2",
+                     "--output_dir", str(out), "--eval_before_training", "false", *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerate launch --num_processes 2" in result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    ranks = sorted(metrics["ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["global_step"] == 2 for r in ranks)
+    assert ranks[0]["trainable_checksum"] == pytest.approx(ranks[1]["trainable_checksum"], rel=1e-9), (
+        "DDP keeps the adapters identical on both ranks"
+    )
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_final_step_and_losses(tmp_path):
+    common = ["recipes/sft.yaml", "--max_steps", "6", "--eval_before_training", "false", "--task_eval_size", "1", *SMALL]
+    reference = run_cli("hf-ext", "train", *common, "--output_dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        ["hf-ext", "train", *common, "--output_dir", str(out)], cwd=REPO, env=cli_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
+
+    resumed = run_cli("hf-ext", "train", *common, "--output_dir", str(out), "--resume_from_checkpoint", "true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == 6
+    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())["loss_curve"]
+    assert metrics["loss_curve"]["step"] == expected["step"] == [1, 2, 3, 4, 5, 6]
+    assert metrics["loss_curve"]["loss"] == pytest.approx(expected["loss"], rel=1e-4), (
+        "the resumed run continues exactly where the killed one stopped"
+    )
+
+
+def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    missing_field = tmp_path / "rows.jsonl"
+    missing_field.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    fake_gguf = tmp_path / "fake.gguf"
+    fake_gguf.write_bytes(b"not a gguf")
+    return {
+        "unknown key": (["--learning_rat", "1"], "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+        "wrong type": (["--max_steps", "ten"], "key 'max_steps': invalid int value: 'ten'"),
+        "missing dataset file": (["--task", "", "--dataset_name", "data/none.jsonl"], "file data/none.jsonl does not exist"),
+        "row without response": (["--task", "", "--dataset_name", str(missing_field), "--data_format", "prompt_completion"],
+                                 "row 1: field 'completion': expected a non-empty string"),
+        "model path missing": (["--model_name_or_path", "./models/none"], "model ./models/none: path does not exist"),
+        "not a gguf": (["--model_name_or_path", str(fake_gguf)], "not a GGUF file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing dataset file", "row without response",
+                                  "model path missing", "not a gguf"])
+def test_bad_input_is_one_line_without_traceback_or_output_folder(tmp_path, case):
+    overrides, message = _bad_input_cases(tmp_path)[case]
+    out = tmp_path / "never"
+    result = run_cli("hf-ext", "train", "recipes/sft.yaml", "--output_dir", str(out), *overrides)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("hf-ext: error: ") and message in last, result.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_every_accelerate_config_parses_with_accelerate_itself():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    from hf_ext.cli import accelerate_config_path
+
+    for name in ("ddp", "zero2", "zero3", "fsdp"):
+        path = accelerate_config_path(name)
+        config = load_config_from_file(path)
+        assert config.num_processes >= 2 and config.mixed_precision == "bf16"
+        args = launch_command_parser().parse_args(["--config_file", path, "-m", "hf_ext.train", "recipes/sft.yaml"])
+        assert args.module and args.training_script == "hf_ext.train" and args.training_script_args == ["recipes/sft.yaml"]
+
+
+def test_launch_arguments_match_the_documented_accelerate_command():
+    from hf_ext.cli import launch_arguments
+    from hf_ext.recipe import parse_recipe
+
+    recipe = parse_recipe(REPO / "recipes" / "sft.yaml", ["--accelerate_config", "zero2"])
+    arguments = launch_arguments(recipe, "recipes/sft.yaml", ["--accelerate_config", "zero2"], ["--num_processes", "8"])
+    assert arguments[:2] == ["--config_file", str(REPO / "recipes" / "accelerate" / "zero2.yaml")]
+    assert arguments[2:] == ["--num_processes", "8", "-m", "hf_ext.train", "recipes/sft.yaml", "--accelerate_config", "zero2"]
