@@ -42,10 +42,8 @@ def launch_arguments(recipe, recipe_path: str, overrides: list[str], launcher_fl
     if recipe.num_processes and "--num_processes" not in launcher_flags:
         flags += ["--num_processes", str(recipe.num_processes)]
         if recipe.num_processes > 1 and not recipe.accelerate_config and "--multi_gpu" not in launcher_flags:
-            import torch
-
-            # Several processes without a config: DDP (gloo on CPU, NCCL on GPUs).
-            flags += ["--multi_gpu"] if torch.cuda.is_available() else ["--multi_gpu", "--cpu"]
+            # Several processes without a config: torchrun-style DDP; each rank picks NCCL on GPUs, gloo on CPUs.
+            flags += ["--multi_gpu"]
     return [*flags, *launcher_flags, "-m", "hf_ext.train", recipe_path, *overrides]
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ def _closest(key: str, valid: list[str]) -> str:
 def _parser(dataclass_types: list[type], source: str):
     class RecipeParser(TrlParser):
         def error(self, message: str):  # argparse would print usage and exit; we want one line naming the file
-            message = message.replace("argument --", "key '").replace(": ", "': ", 1) if "argument --" in message else message
+            message = re.sub(r"argument --(\w+)(/--[\w-]+)*: ", r"key '\1': ", message)
             raise UserInputError(f"{source}: {message}")
 
     return RecipeParser(dataclass_types)

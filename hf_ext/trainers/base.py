@@ -13,14 +13,18 @@ def bf16_supported() -> bool:
 
 
 class StageConfigMixin:
-    """Precision follows the hardware unless the recipe says otherwise: bf16 on a GPU that has it, fp32 on a CPU.
+    """A recipe runs unchanged on a laptop and on a pod, so hardware-dependent settings follow the hardware:
 
-    TRL defaults to bf16 everywhere, which fails on a CPU; a recipe must run unchanged on a laptop and on a pod.
+    - precision: bf16 on a GPU that has it, fp32 on a CPU (TRL defaults to bf16 everywhere, which fails on a CPU);
+    - several processes on a machine without CUDA: `use_cpu`, without which accelerate does not set up DDP over gloo
+      and every process would train alone as rank 0.
     """
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
             self.bf16 = bf16_supported()
+        if not self.use_cpu and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.use_cpu = True
         super().__post_init__()
 
 
@@ -33,6 +37,8 @@ class StageTrainerMixin:
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # transformers calls _save on every rank; only the saving one writes
+            return
         output_dir = output_dir or self.args.output_dir
         pickled = Path(output_dir, "training_args.bin")
         if pickled.exists():
