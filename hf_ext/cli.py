@@ -99,20 +99,21 @@ def eval_command(args: list[str]) -> None:
     from hf_ext.data.tasks import TASKS
     from hf_ext.eval.accuracy import evaluate_task
     from hf_ext.loading import load_model, load_tokenizer
-    from hf_ext.recipe import ModelArguments, read_yaml_mapping
+    from hf_ext.recipe import ModelArguments, ScriptArguments, read_yaml_mapping
 
     results = []
     for reference in [m.strip() for m in options.model.split(",") if m.strip()]:
         saved = Path(reference, "recipe.yaml")
         recipe = read_yaml_mapping(saved) if saved.is_file() else {}
+        sizes = [recipe.get(key, getattr(ScriptArguments, key)) for key in ("task_train_size", "task_eval_size")]
         task_name = options.task or recipe.get("task")
         if task_name not in TASKS:
             raise UserInputError(f"eval: task {task_name!r} is not one of {', '.join(TASKS)} (pass --task)")
         seed = options.seed if options.seed is not None else recipe.get("seed", 42)
-        split = TASKS[task_name].splits(recipe.get("task_train_size", 2000), recipe.get("task_eval_size", 200), seed)["test"]
+        split = TASKS[task_name].splits(*sizes, seed)["test"]
         if options.num_examples:
             split = split.select(range(min(options.num_examples, len(split))))
-        data_format = detect_format(split.column_names, options.data_format or recipe.get("data_format", "messages"), f"task {task_name}")
+        data_format = detect_format(split.column_names, options.data_format or recipe.get("data_format", "auto"), f"task {task_name}")
         load_in_4bit = options.load_in_4bit if options.load_in_4bit is not None else recipe.get("load_in_4bit", False)
         model_args = ModelArguments(model_name_or_path=reference, load_in_4bit=load_in_4bit, dtype=recipe.get("dtype", "float32"))
         tokenizer = load_tokenizer(reference)

@@ -187,30 +187,33 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe
     cli = split_overrides(list(overrides or []))
     source = str(path) if not cli else f"{path} (+ command line)"
 
-    stage = cli.pop("stage", None) or data.pop("stage", None)
-    data.pop("stage", None)
+    def reserved(key: str):
+        """A reserved key's value: the command line wins over the YAML; both are consumed."""
+        from_yaml = data.pop(key, None)
+        return cli.pop(key, from_yaml)
+
+    stage = reserved("stage")
     if stage is None:
         raise UserInputError(f"{path}: missing key 'stage' (one of: {', '.join(STAGES)})")
     if stage not in STAGES:
         raise UserInputError(f"{path}: key 'stage': unknown stage {stage!r}{_closest(str(stage), list(STAGES))}; valid: {', '.join(STAGES)}")
 
-    env = data.pop("env", None) or {}
+    env = reserved("env") or {}
     if not isinstance(env, dict) or not all(isinstance(v, (str, int, float, bool)) for v in env.values()):
         raise UserInputError(f"{path}: key 'env' must map variable names to strings, got {env!r}")
     env = {str(k): str(v) for k, v in env.items()}
 
-    accelerate_config = cli.pop("accelerate_config", data.pop("accelerate_config", None))
-    data.pop("accelerate_config", None)
+    accelerate_config = reserved("accelerate_config")
     if accelerate_config is not None and not isinstance(accelerate_config, str):
         raise UserInputError(f"{path}: key 'accelerate_config' must be a name (ddp, zero2, zero3, fsdp) or a path")
-    num_processes = cli.pop("num_processes", data.pop("num_processes", None))
-    data.pop("num_processes", None)
+    num_processes = reserved("num_processes")
     if num_processes is not None:
         try:
             num_processes = int(num_processes)
-            assert num_processes >= 1
-        except (ValueError, AssertionError, TypeError):
-            raise UserInputError(f"{path}: key 'num_processes' must be a whole number >= 1, got {num_processes!r}") from None
+        except (ValueError, TypeError):
+            num_processes = 0
+        if num_processes < 1:
+            raise UserInputError(f"{path}: key 'num_processes' must be a whole number >= 1")
 
     stage_module = get_stage(stage)
     dataclass_types = [ScriptArguments, stage_module.Config, ModelArguments]

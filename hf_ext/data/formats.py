@@ -182,10 +182,8 @@ def detect_format(columns: list[str], requested: str, source: str) -> DataFormat
     """The format to use for a dataset with `columns`; `requested` is the recipe's `data_format` (or `auto`)."""
     if requested != "auto":
         data_format = FORMATS[requested]
-        if requested == "messages" and {"prompt", "completion"} <= set(columns):
-            return data_format  # a prompt/completion pair becomes a user turn and an assistant turn
-        if requested == "instruction" and {"prompt", "completion"} <= set(columns):
-            return data_format
+        if requested != "prompt_completion" and {"prompt", "completion"} <= set(columns):
+            return data_format  # seen through `as_format_row`: a chat turn pair, or an instruction/response
         missing = [c for c in data_format.columns if c not in columns]
         if missing:
             raise UserInputError(
@@ -213,8 +211,11 @@ def as_format_row(row: Row, data_format: DataFormat) -> Row:
 def encode_dataset(dataset, data_format: DataFormat, tokenizer, max_length: int | None, source: str):
     """Validate every row, then encode it; the first bad row stops everything with its index and field."""
     for index, row in enumerate(dataset):
-        problem = PromptCompletion().validate(row) if "messages" not in row and {"prompt", "completion"} <= row.keys() else None
-        problem = problem or data_format.validate(as_format_row(row, data_format))
+        # A prompt/completion row is checked as such first, so the error names the field the file really has.
+        is_pair = "messages" not in row and {"prompt", "completion"} <= row.keys()
+        problem = (FORMATS["prompt_completion"].validate(row) if is_pair else None) or data_format.validate(
+            as_format_row(row, data_format)
+        )
         if problem:
             raise UserInputError(f"{source}: row {index}: {problem}")
 
