@@ -20,7 +20,7 @@ def hub_base_model(recipe) -> str | None:
     return None
 
 
-def render_model_card(recipe, metrics: dict, template: str) -> ModelCard:
+def render_model_card(recipe, metrics: dict, stage_description: str, template: str = "training_run.md") -> ModelCard:
     model_args, script_args = recipe.model_args, recipe.script_args
     is_adapter = bool(model_args.use_peft)
     base_model = hub_base_model(recipe)
@@ -66,6 +66,7 @@ def render_model_card(recipe, metrics: dict, template: str) -> ModelCard:
         + (f" on the `{script_args.task}` task." if script_args.task else f" on {script_args.dataset_name}."),
         adapter_kind="LoRA adapter" if is_adapter else "model",
         stage=recipe.stage,
+        stage_description=stage_description,
         base_model_reference=base_reference,
         data_description=(
             f"{script_args.task_train_size} generated `{script_args.task}` examples"

@@ -57,6 +57,10 @@ class ScriptArguments(TrlScriptArguments):
             "choices": list(DATA_FORMATS),
         },
     )
+    allow_unverified_data: bool = field(
+        default=False,
+        metadata={"help": "Train on a local data file that has no valid QC manifest (see hf_ext.data.manifest)."},
+    )
     base_model_id: str | None = field(
         default=None,
         metadata={"help": "Hub id written as `base_model` in the model card when the model came from a file."},

@@ -47,6 +47,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     """Run a recipe to the end in this process (one rank of a launch); returns the metrics it wrote."""
     import torch
     from accelerate import PartialState
+    from peft import PeftModel
 
     from hf_ext.data.formats import detect_format
     from hf_ext.data.tasks import TASKS
@@ -75,7 +76,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         recipe.write(output_dir / "recipe.yaml")
     state.wait_for_everyone()
 
-    model = load_model(model_args, trust_remote_code=training_args.trust_remote_code)
+    model = load_model(model_args, trust_remote_code=training_args.trust_remote_code, trainable_adapter=True)
     metrics: dict = {"stage": recipe.stage, "recipe": str(recipe.path), "model": model_args.model_name_or_path}
 
     def accuracy(model_to_score, label: str) -> dict:
@@ -94,7 +95,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("test") if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        peft_config=peft_config(model_args),
+        peft_config=None if isinstance(model, PeftModel) else peft_config(model_args),  # an adapter keeps training
     )
     resume = _resume_argument(training_args.resume_from_checkpoint, str(output_dir))
     result = trainer.train(resume_from_checkpoint=resume)
@@ -132,7 +133,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         )
         if curve["step"]:
             plot_loss_curve(curve, output_dir / LOSS_CURVE_FILE, f"{recipe.stage}: {model_args.model_name_or_path.split('/')[-1]}")
-        render_model_card(recipe, metrics, template=f"{recipe.stage}.md").save(output_dir / "README.md")
+        render_model_card(recipe, metrics, stage.CARD_DESCRIPTION).save(output_dir / "README.md")
         write_metrics(output_dir, metrics)
     state.wait_for_everyone()
     return metrics

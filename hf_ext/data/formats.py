@@ -54,6 +54,15 @@ class DataFormat:
         """Ids that a single-turn `prompt` is turned into before the response, at training and generation time."""
         raise NotImplementedError
 
+    def response_ids(self, prompt: str, response: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """The trained ids that follow `prompt_ids` for `response`: the response and its END/EOS."""
+        raise NotImplementedError
+
+    def encode_pair(self, prompt: str, response: str, tokenizer: PreTrainedTokenizerBase) -> Encoded:
+        prompt_ids = self.prompt_ids(prompt, tokenizer)
+        response_ids = self.response_ids(prompt, response, tokenizer)
+        return Encoded(prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids))
+
     def extract_response(self, generated: str) -> str:
         """The answer part of decoded generated text (special tokens already skipped)."""
         return generated.strip()
@@ -84,10 +93,11 @@ class PromptCompletion(DataFormat):
         already_has_bos = bos is not None and prompt.startswith(bos)
         return _ids(tokenizer, prompt, special_tokens=not already_has_bos)
 
+    def response_ids(self, prompt, response, tokenizer):
+        return _ids(tokenizer, response) + [_eos_id(tokenizer)]
+
     def encode(self, row, tokenizer):
-        prompt = self.prompt_ids(row["prompt"], tokenizer)
-        completion = _ids(tokenizer, row["completion"]) + [_eos_id(tokenizer)]
-        return Encoded(prompt + completion, [0] * len(prompt) + [1] * len(completion))
+        return self.encode_pair(row["prompt"], row["completion"], tokenizer)
 
 
 class Instruction(DataFormat):
@@ -99,10 +109,11 @@ class Instruction(DataFormat):
     def prompt_ids(self, prompt, tokenizer):
         return _ids(tokenizer, self.PROMPT.format(instruction=prompt))
 
+    def response_ids(self, prompt, response, tokenizer):
+        return _ids(tokenizer, self.COMPLETION.format(response=response)) + [_eos_id(tokenizer)]
+
     def encode(self, row, tokenizer):
-        prompt = self.prompt_ids(row["instruction"], tokenizer)
-        completion = _ids(tokenizer, self.COMPLETION.format(response=row["response"])) + [_eos_id(tokenizer)]
-        return Encoded(prompt + completion, [0] * len(prompt) + [1] * len(completion))
+        return self.encode_pair(row["instruction"], row["response"], tokenizer)
 
     def extract_response(self, generated):
         return generated.split("\nEND")[0].strip()
@@ -123,6 +134,10 @@ class Messages(DataFormat):
 
     def prompt_ids(self, prompt, tokenizer):
         return _ids(tokenizer, self._render(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True))
+
+    def response_ids(self, prompt, response, tokenizer):
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return _ids(tokenizer, next(text for text, trained in self.segments(turns, tokenizer) if trained))
 
     def segments(self, messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, trained) pieces: each assistant reply plus its EOS is trained."""

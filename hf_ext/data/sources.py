@@ -26,6 +26,10 @@ def load_splits(script_args, seed: int) -> DatasetDict:
 
     name = script_args.dataset_name
     path = Path(name)
+    if path.is_file() and not script_args.allow_unverified_data:
+        from hf_ext.data.manifest import verify_manifest
+
+        verify_manifest(path)
     try:
         if path.suffix in _BUILDERS and path.is_file():
             loaded = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path))

@@ -41,6 +41,10 @@ class Task(ABC):
     def verify(self, response: str, answer: str) -> bool:
         return normalize(response) == normalize(answer)
 
+    @abstractmethod
+    def near_miss(self, answer: str, rng: random.Random) -> str:
+        """A wrong answer close to `answer` (a hard negative for preference pairs)."""
+
     def reward(self, response: str, answer: str) -> float:
         return float(self.verify(response, answer))
 
@@ -79,6 +83,14 @@ class Addition(Task):
         answer = str(a + b)
         return Example(f"What is {a} + {b}? Reply with the number only.", answer, answer)
 
+    def near_miss(self, answer, rng):
+        """The sum with one digit changed (never a leading zero)."""
+        digits = list(answer)
+        position = rng.randrange(len(digits))
+        choices = [d for d in "0123456789" if d != digits[position] and not (position == 0 and d == "0")]
+        digits[position] = rng.choice(choices)
+        return "".join(digits)
+
 
 class Sorting(Task):
     name = "sorting"
@@ -92,6 +104,16 @@ class Sorting(Task):
             "Reply with the sorted numbers separated by spaces only."
         )
         return Example(prompt, answer, answer)
+
+    def near_miss(self, answer, rng):
+        """Two different numbers swapped."""
+        numbers = answer.split()
+        pairs = [(i, j) for i in range(len(numbers)) for j in range(i + 1, len(numbers)) if numbers[i] != numbers[j]]
+        if not pairs:
+            return answer + " 0"
+        i, j = rng.choice(pairs)
+        numbers[i], numbers[j] = numbers[j], numbers[i]
+        return " ".join(numbers)
 
     def reward(self, response: str, answer: str) -> float:
         """Fraction of positions that hold the right number (1.0 only for the exact answer)."""
@@ -108,6 +130,18 @@ class Reversal(Task):
     def sample(self, rng: random.Random) -> Example:
         word = "".join(rng.choice(string.ascii_lowercase) for _ in range(5))
         return Example(f"Reverse the string '{word}'. Reply with the reversed string only.", word[::-1], word[::-1])
+
+    def near_miss(self, answer, rng):
+        """The string not reversed, or two different letters swapped."""
+        if answer[::-1] != answer and rng.random() < 0.5:
+            return answer[::-1]
+        letters = list(answer)
+        pairs = [(i, j) for i in range(len(letters)) for j in range(i + 1, len(letters)) if letters[i] != letters[j]]
+        if not pairs:
+            return answer[:-1] + ("a" if answer[-1] != "a" else "b")
+        i, j = rng.choice(pairs)
+        letters[i], letters[j] = letters[j], letters[i]
+        return "".join(letters)
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (Addition(2), Addition(3), Sorting(), Reversal())}

@@ -1,7 +1,7 @@
 """The registry of training stages: recipe key `stage` -> the module that implements it.
 
-Each stage module exports `Config` (its TRL config subclass), `Trainer` (its TRL trainer subclass) and
-`build_datasets(script_args, training_args, tokenizer)`. Modules are imported only when a stage is used.
+Each stage module exports `Config` (its TRL config subclass), `Trainer` (its TRL trainer subclass),
+`build_datasets(script_args, training_args, tokenizer)` and `CARD_DESCRIPTION` (a sentence for the model card). Modules are imported only when a stage is used.
 """
 
 import importlib
@@ -9,6 +9,7 @@ from types import ModuleType
 
 STAGES: dict[str, str] = {
     "sft": "hf_ext.trainers.sft",
+    "dpo": "hf_ext.trainers.dpo",
 }
 
 

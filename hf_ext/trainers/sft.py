@@ -16,6 +16,11 @@ from hf_ext.data.sources import describe_source, load_splits
 from hf_ext.errors import UserInputError
 from hf_ext.trainers.base import StageConfigMixin, StageTrainerMixin
 
+CARD_DESCRIPTION = (
+    "Supervised fine-tuning (a `trl.SFTTrainer` subclass); the loss covers the response tokens and their "
+    "end-of-sequence token only, never the prompt."
+)
+
 
 @dataclass
 class Config(StageConfigMixin, trl.SFTConfig):

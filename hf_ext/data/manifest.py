@@ -1,0 +1,102 @@
+"""QC manifests: the record that a data file was produced (or vetted) by hf_ext and has not changed since.
+
+`<file>.manifest.json` next to `<file>` holds the file's sha256 and row count, QC metrics, the generator and its
+version, the source model, the git commit of the code that wrote it and the time it was written. Training stages
+refuse a local data file whose manifest is missing or does not match the file, unless the recipe opts out with
+`allow_unverified_data: true`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from hf_ext.errors import UserInputError
+
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+def manifest_path(data_path: str | Path) -> Path:
+    data_path = Path(data_path)
+    return data_path.with_name(data_path.name + MANIFEST_SUFFIX)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def count_rows(path: str | Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_manifest(
+    data_path: str | Path,
+    generator: str,
+    qc: dict[str, Any],
+    source_model: str | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Describe the finished JSONL file `data_path`; written atomically after the data, so its presence means done."""
+    from hf_ext import __version__
+
+    manifest = {
+        "file": Path(data_path).name,
+        "sha256": file_sha256(data_path),
+        "rows": count_rows(data_path),
+        "generator": generator,
+        "hf_ext_version": __version__,
+        "git_commit": _git_commit(),
+        "source_model": source_model,
+        "parameters": parameters or {},
+        "qc": qc,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    target = manifest_path(data_path)
+    staging = target.with_suffix(".tmp")
+    staging.write_text(json.dumps(manifest, indent=2))
+    os.replace(staging, target)
+    return manifest
+
+
+def verify_manifest(data_path: str | Path) -> dict[str, Any]:
+    """The manifest of `data_path`, or a clear error if there is none or it does not describe this file."""
+    how = (
+        f"produce the file with `hf-ext data ...`, or vet a file of your own with `hf-ext data manifest {data_path}`, "
+        "or set `allow_unverified_data: true` in the recipe"
+    )
+    path = manifest_path(data_path)
+    if not path.is_file():
+        raise UserInputError(f"{data_path}: no QC manifest ({path.name}); {how}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"{path}: not valid JSON ({error}); {how}") from None
+    actual = file_sha256(data_path)
+    if manifest.get("sha256") != actual:
+        raise UserInputError(
+            f"{data_path}: changed since its manifest was written (sha256 {actual[:12]}..., manifest says "
+            f"{str(manifest.get('sha256'))[:12]}...); {how}"
+        )
+    rows = count_rows(data_path)
+    if manifest.get("rows") != rows:
+        raise UserInputError(f"{data_path}: has {rows} rows, its manifest says {manifest.get('rows')}; {how}")
+    return manifest

@@ -1,0 +1,127 @@
+import json
+import math
+import random
+
+import pytest
+from datasets import Dataset
+
+from hf_ext.data.formats import FORMATS
+from hf_ext.data.manifest import manifest_path, verify_manifest, write_manifest
+from hf_ext.data.pairs import NEGATIVE_KINDS, hard_negative, task_pairs, validate_pair
+from hf_ext.data.tasks import TASKS
+from hf_ext.errors import UserInputError
+from hf_ext.recipe import parse_recipe
+from tests.conftest import REPO, SMOLLM2, run_cli
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_hard_negatives_are_rejected_by_the_verifier(name):
+    task = TASKS[name]
+    rows = task.splits(200, 0, seed=3)["train"]
+    pairs = task_pairs(task, rows, seed=3)
+    assert len(pairs) >= 0.9 * len(rows)
+    assert set(pairs["negative_kind"]) <= set(NEGATIVE_KINDS)
+    for pair, answer in zip(pairs, [r["answer"] for r in rows if r["prompt"] in set(pairs["prompt"])]):
+        assert task.verify(pair["chosen"], answer) and not task.verify(pair["rejected"], answer)
+        assert validate_pair(pair) is None
+
+
+def test_near_miss_of_addition_changes_one_digit():
+    rng = random.Random(0)
+    for _ in range(200):
+        answer = str(rng.randint(20, 198))
+        miss = TASKS["addition"].near_miss(answer, rng)
+        assert miss != answer and len(miss) == len(answer) and not miss.startswith("0")
+        assert sum(a != b for a, b in zip(miss, answer)) == 1
+
+
+def test_truncation_and_off_topic():
+    task, rng = TASKS["sorting"], random.Random(1)
+    assert hard_negative(task, "1 2 3 4 5", "1 2 3 4 5", [], "truncation", rng) == "1 2"
+    assert hard_negative(task, "1 2 3 4 5", "1 2 3 4 5", ["1 2 3 4 5", "6 7 8 9 10"], "off_topic", rng) == "6 7 8 9 10"
+    assert hard_negative(TASKS["addition"], "5", "5", [], "truncation", rng) is None
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "p", "chosen": "a", "rejected": " a "}, "identical"),
+        ({"prompt": "", "chosen": "a", "rejected": "b"}, "field 'prompt': expected a non-empty string, got an empty string"),
+        ({"chosen": "a", "rejected": "b"}, "field 'prompt': expected a non-empty string, got nothing"),
+        ({"prompt": "p", "chosen": "a", "rejected": 3}, "field 'rejected'"),
+    ],
+)
+def test_bad_pairs(row, message):
+    assert message in validate_pair(row)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_manifest_gate(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(UserInputError, match=r"no QC manifest \(pairs.jsonl.manifest.json\).*hf-ext data manifest"):
+        verify_manifest(data)
+    manifest = write_manifest(data, generator="test", qc={"rows": 1}, source_model="m")
+    assert verify_manifest(data) == manifest and manifest["rows"] == 1 and manifest["created_at"]
+    assert set(manifest) >= {"sha256", "generator", "hf_ext_version", "git_commit", "source_model", "qc", "parameters"}
+    with open(data, "a") as handle:
+        handle.write(json.dumps({"prompt": "q", "chosen": "c", "rejected": "d"}) + "\n")
+    with pytest.raises(UserInputError, match="changed since its manifest was written"):
+        verify_manifest(data)
+    manifest_path(data).write_text("{broken")
+    with pytest.raises(UserInputError, match="not valid JSON"):
+        verify_manifest(data)
+
+
+def _dpo_recipe(tmp_path, dataset, extra=()):
+    return parse_recipe(REPO / "recipes" / "dpo.yaml", ["--task", "", "--dataset_name", str(dataset), "--output_dir", str(tmp_path / "o"), *extra])
+
+
+def test_dpo_refuses_a_file_without_manifest_unless_opted_out(tmp_path, tokenizer):
+    from hf_ext.trainers.dpo import build_datasets
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}])
+    recipe = _dpo_recipe(tmp_path, data)
+    with pytest.raises(UserInputError, match="no QC manifest"):
+        build_datasets(recipe.script_args, recipe.training_args, tokenizer)
+    recipe = _dpo_recipe(tmp_path, data, ["--allow_unverified_data", "true"])
+    row = build_datasets(recipe.script_args, recipe.training_args, tokenizer)["train"][0]
+    eos = tokenizer.eos_token
+    assert tokenizer.decode(row["chosen_ids"]) == "4" + eos and tokenizer.decode(row["rejected_ids"]) == "5" + eos
+    assert row["prompt_ids"] == FORMATS["messages"].prompt_ids("What is 2 + 2?", tokenizer)
+
+
+def test_dpo_rejects_bad_pairs_with_row_numbers(tmp_path, tokenizer):
+    from hf_ext.trainers.dpo import build_datasets
+
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "same", "rejected": "same"}]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    write_manifest(data, generator="test", qc={})
+    recipe = _dpo_recipe(tmp_path, data)
+    with pytest.raises(UserInputError, match=r"pairs.jsonl \[train\]: row 1: fields 'chosen' and 'rejected' are identical"):
+        build_datasets(recipe.script_args, recipe.training_args, tokenizer)
+
+
+def test_unsloth_backend_without_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(UserInputError, match="backend: unsloth needs a CUDA GPU and this machine has none"):
+        parse_recipe(REPO / "recipes" / "dpo.yaml", ["--backend", "unsloth"])
+
+
+@pytest.mark.slow
+def test_dpo_recipe_trains_with_loss_starting_at_log_2(tmp_path):
+    out = tmp_path / "dpo"
+    result = run_cli(
+        "hf-ext", "train", "recipes/dpo.yaml", "--max_steps", "3", "--task_train_size", "24", "--task_eval_size", "8",
+        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_before_training", "false",
+        "--output_dir", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 3 and metrics["stage"] == "dpo"
+    # policy == reference at step 1 (fresh zero-initialised LoRA), so the sigmoid DPO loss is exactly log 2
+    assert metrics["loss_curve"]["loss"][0] == pytest.approx(math.log(2), abs=1e-5)
+    card = (out / "README.md").read_text()
+    assert "- dpo" in card and "trl.DPOTrainer" in card and (out / "adapter_model.safetensors").is_file()
