@@ -1,7 +1,8 @@
 """The `hf-ext` command.
 
     hf-ext train RECIPE.yaml [--key value ...] [-- ACCELERATE FLAGS ...]
-    hf-ext eval --model PATH [--task NAME] [--num_examples N] ...
+    hf-ext eval --model PATH[,PATH...] [--task NAME] [--judge PATH] [--num_examples N] ...
+    hf-ext data generate-sft|make-pairs|manifest ...
 
 `hf-ext train` runs the recipe in this process, or, when the recipe sets `num_processes` > 1 or `accelerate_config`
 or accelerate flags follow `--`, relaunches exactly `accelerate launch [flags] -m hf_ext.train RECIPE [overrides]`.
@@ -14,6 +15,7 @@ import json
 import os
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 from hf_ext.errors import UserInputError
@@ -90,16 +92,21 @@ def eval_command(args: list[str]) -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--judge", help="judge model for win rates of every model against the first one")
     parser.add_argument("--output", help="write the results as JSON to this file")
     options = parser.parse_args(args)
 
     import gc
+    import resource
 
     from hf_ext.data.formats import detect_format
     from hf_ext.data.tasks import TASKS
     from hf_ext.eval.accuracy import evaluate_task
     from hf_ext.loading import load_model, load_tokenizer
     from hf_ext.recipe import ModelArguments, ScriptArguments, read_yaml_mapping
+
+    def peak_rss_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     results = []
     for reference in [m.strip() for m in options.model.split(",") if m.strip()]:
@@ -119,15 +126,149 @@ def eval_command(args: list[str]) -> None:
         tokenizer = load_tokenizer(reference)
         model = load_model(model_args)
         result = evaluate_task(model, tokenizer, TASKS[task_name], split, data_format, options.batch_size, options.max_new_tokens, desc=reference)
-        results.append({"model": reference, **result})
-        print(f"{reference}: {task_name} accuracy {result['accuracy']:.3f} on {result['num_examples']} examples ({data_format.name})")
-        del model
+        del model  # one model in memory at a time
         gc.collect()
+        results.append({"model": reference, **result, "peak_rss_mb_so_far": peak_rss_mb()})
+        print(f"{reference}: {task_name} accuracy {result['accuracy']:.3f} on {result['num_examples']} examples ({data_format.name})")
+
+    if options.judge and len(results) > 1:
+        from hf_ext.eval.judge import LogprobJudge
+
+        judge = LogprobJudge(load_model(ModelArguments(model_name_or_path=options.judge)), load_tokenizer(options.judge))
+        base = results[0]
+        for result in results[1:]:
+            triples = [(p, r, b) for p, r, b in zip(base["prompts"], result["responses"], base["responses"])]
+            outcomes = Counter(v.outcome for v in judge.compare(triples, desc=f"Judging {result['model']} vs {base['model']}"))
+            result["judge_vs_first"] = {
+                "judge": options.judge, "against": base["model"], **{k: outcomes.get(k, 0) for k in ("win", "loss", "tie")},
+                "win_rate": (outcomes.get("win", 0) + 0.5 * outcomes.get("tie", 0)) / len(triples),
+            }
+        del judge
+        gc.collect()
+
+    summary = {"models": results, "peak_rss_mb": peak_rss_mb()}
+    print("\n| model | accuracy | win rate vs first (judge) |\n|---|---|---|")
+    for result in results:
+        judged = result.get("judge_vs_first")
+        print(f"| {result['model']} | {result['accuracy']:.3f} | {judged['win_rate']:.3f} |" if judged else f"| {result['model']} | {result['accuracy']:.3f} | - |")
+    print(f"peak RSS {summary['peak_rss_mb']:.0f} MB")
     if options.output:
-        Path(options.output).write_text(json.dumps(results, indent=2))
+        Path(options.output).write_text(json.dumps(summary, indent=2))
 
 
-COMMANDS = {"train": train_command, "eval": eval_command}
+def data_command(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="hf-ext data", description="Make and vet training data (each file gets a QC manifest).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate-sft", help="SFT rows from a base model by few-shot completion")
+    pairs = commands.add_parser("make-pairs", help="preference pairs: hard_negatives, best_of_n or judge")
+    for sub in (generate, pairs):
+        sub.add_argument("--model", required=True, help="the model that writes the responses")
+        sub.add_argument("--task", required=True, help="verifiable task whose training prompts are used")
+        sub.add_argument("--num_prompts", type=int, default=200)
+        sub.add_argument("--output", required=True, help="the .jsonl file to write (plus .manifest.json)")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--batch_size", type=int, default=16)
+        sub.add_argument("--max_new_tokens", type=int, default=32)
+        sub.add_argument("--temperature", type=float, default=None)
+        sub.add_argument("--load_in_4bit", action="store_true")
+    generate.add_argument("--shots", type=int, default=3)
+    generate.add_argument("--min_response_chars", type=int, default=1)
+    generate.add_argument("--keep_unverified", action="store_true", help="keep responses the task verifier rejects")
+    pairs.add_argument("--method", choices=["hard_negatives", "best_of_n", "judge"], default="best_of_n")
+    pairs.add_argument("--k", type=int, default=4, help="samples per prompt for best_of_n")
+    pairs.add_argument("--judge", help="judge model (method judge, or best_of_n without a verifier)")
+    pairs.add_argument("--data_format", choices=["prompt_completion", "messages", "instruction"], default="messages")
+    vet = commands.add_parser("manifest", help="validate a data file of your own and write its QC manifest")
+    vet.add_argument("path")
+    options = parser.parse_args(args)
+
+    if options.command == "manifest":
+        return vet_file(options.path)
+
+    from hf_ext.data.tasks import TASKS
+    from hf_ext.loading import load_model, load_tokenizer
+    from hf_ext.recipe import ModelArguments
+
+    if options.task not in TASKS:
+        raise UserInputError(f"data: unknown task {options.task!r}; valid: {', '.join(TASKS)}")
+    task = TASKS[options.task]
+    rows = task.splits(options.num_prompts, 0, seed=options.seed)["train"]
+    if options.command == "make-pairs" and options.method == "hard_negatives":
+        from hf_ext.data.pairs import task_pairs
+
+        dataset, stats = task_pairs(task, rows, options.seed), {"method": "hard_negatives"}
+        stats.update(pairs=len(dataset), negative_kinds=dict(Counter(dataset["negative_kind"])))
+        return _write_pairs(dataset, options.output, stats, source_model=None)
+
+    def load(reference):
+        return load_model(ModelArguments(model_name_or_path=reference, load_in_4bit=options.load_in_4bit)), load_tokenizer(reference)
+
+    model, tokenizer = load(options.model)
+    if options.command == "generate-sft":
+        from hf_ext.data.fewshot import GenerationSettings, generate_sft_data
+
+        settings = GenerationSettings(
+            shots=options.shots, max_new_tokens=options.max_new_tokens, temperature=options.temperature or 0.0,
+            min_response_chars=options.min_response_chars, keep_unverified=options.keep_unverified,
+            batch_size=options.batch_size, seed=options.seed,
+        )
+        manifest = generate_sft_data(model, tokenizer, list(rows["prompt"]), options.output, settings,
+                                     answers=list(rows["answer"]), verify=task.verify, source_model=options.model)
+        print(f"{options.output}: {manifest['rows']} rows; QC {json.dumps(manifest['qc'])}")
+        return
+
+    from hf_ext.data.formats import FORMATS
+    from hf_ext.data.pairs import sampled_pairs
+    from hf_ext.eval.judge import LogprobJudge
+
+    judge = None
+    if options.judge or options.method == "judge":
+        judge_model, judge_tokenizer = (model, tokenizer) if options.judge in (None, options.model) else load(options.judge)
+        judge = LogprobJudge(judge_model, judge_tokenizer, batch_size=options.batch_size)
+    dataset, stats = sampled_pairs(
+        model, tokenizer, list(rows["prompt"]), FORMATS[options.data_format], options.method, k=options.k, task=task,
+        answers=list(rows["answer"]), judge=judge,
+        temperature=options.temperature if options.temperature is not None else 0.8,
+        max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, seed=options.seed,
+    )
+    _write_pairs(dataset, options.output, {**stats, "data_format": options.data_format}, source_model=options.model)
+
+
+def _write_pairs(dataset, output: str, stats: dict, source_model: str | None) -> None:
+    from hf_ext.data.manifest import write_manifest
+
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(output + ".tmp")
+    staging.write_text("".join(json.dumps(row) + "\n" for row in dataset))
+    os.replace(staging, output)
+    manifest = write_manifest(output, generator="hf_ext.data.pairs", qc=stats, source_model=source_model)
+    print(f"{output}: {manifest['rows']} pairs; QC {json.dumps(stats)}")
+
+
+def vet_file(path: str) -> None:
+    """Validate every row of a user's .jsonl file (SFT rows or pairs) and write its manifest."""
+    from datasets import load_dataset
+
+    from hf_ext.data.formats import FORMATS, detect_format
+    from hf_ext.data.manifest import write_manifest
+    from hf_ext.data.pairs import validate_pair
+
+    if not Path(path).is_file():
+        raise UserInputError(f"{path}: file does not exist")
+    rows = load_dataset("json", data_files=path)["train"]
+    is_pairs = {"prompt", "chosen", "rejected"} <= set(rows.column_names)
+    data_format = None if is_pairs else detect_format(rows.column_names, "auto", path)
+    for index, row in enumerate(rows):
+        problem = validate_pair(row) if is_pairs else data_format.validate(row)
+        if problem:
+            raise UserInputError(f"{path}: row {index}: {problem}")
+    qc = {"kind": "pairs" if is_pairs else f"sft ({data_format.name})", "rows_validated": len(rows)}
+    manifest = write_manifest(path, generator="hf-ext data manifest (user-provided file)", qc=qc)
+    print(f"{path}: {manifest['rows']} rows validated; manifest written")
+
+
+COMMANDS = {"train": train_command, "eval": eval_command, "data": data_command}
 
 
 def main(argv: list[str] | None = None) -> None:

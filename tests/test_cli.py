@@ -60,7 +60,7 @@ def test_accelerate_launch_runs_the_main_job_and_writes_every_artifact(tmp_path)
 
     evaluation = run_cli("hf-ext", "eval", "--model", str(out), "--output", str(tmp_path / "eval.json"))
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    scored = json.loads((tmp_path / "eval.json").read_text())[0]
+    scored = json.loads((tmp_path / "eval.json").read_text())["models"][0]
     assert scored["num_examples"] == 8 and scored["accuracy"] == metrics["accuracy_after"]["accuracy"]
 
 

@@ -64,3 +64,86 @@ def validate_pair(row: dict) -> str | None:
     if row["chosen"].strip() == row["rejected"].strip():
         return "fields 'chosen' and 'rejected' are identical, so the pair teaches nothing"
     return None
+
+
+def _quantiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"min": ordered[0], "p25": pick(0.25), "median": pick(0.5), "p75": pick(0.75), "max": ordered[-1],
+            "mean": sum(ordered) / len(ordered)}
+
+
+def sampled_pairs(model, tokenizer, prompts: list[str], data_format, method: str, k: int = 4, task: Task | None = None,
+                  answers: list[str] | None = None, judge=None, temperature: float = 0.8, max_new_tokens: int = 16,
+                  batch_size: int = 16, seed: int = 0) -> tuple[Dataset, dict]:
+    """Pairs from the model's own samples, and their quality statistics.
+
+    - `best_of_n`: `k` samples per prompt, scored by the task's reward (or, without a task, by the judge: the sum of
+      a sample's margins against the others); the best is chosen against each strictly worse one (up to k-1 pairs).
+    - `judge`: two samples per prompt judged A/B in both orders; a pair is kept only when both orders agree.
+    """
+    from hf_ext.generation import generate
+
+    if method not in ("best_of_n", "judge"):
+        raise ValueError(f"unknown method {method!r}")
+    if method == "judge" or task is None:
+        if judge is None:
+            raise ValueError(f"method {method} without a verifiable task needs a judge model")
+    k = 2 if method == "judge" else k
+    encoded = [data_format.prompt_ids(p, tokenizer) for p in prompts]
+    raw = generate(model, tokenizer, encoded, batch_size=batch_size, max_new_tokens=max_new_tokens, num_samples=k,
+                   temperature=temperature, seed=seed, desc=f"Sampling {k} per prompt")
+    groups = [list(dict.fromkeys(r for r in (data_format.extract_response(s) for s in samples) if r)) for samples in raw]
+
+    use_judge = method == "judge" or task is None
+    verdicts = {}
+    if use_judge:
+        triples = [(prompts[g], group[i], group[j]) for g, group in enumerate(groups)
+                   for i in range(len(group)) for j in range(i + 1, len(group))]
+        for (prompt, a, b), verdict in zip(triples, judge.compare(triples, desc="Judging samples")):
+            verdicts[(prompt, a, b)] = verdict
+
+    pairs = {"prompt": [], "chosen": [], "rejected": [], "margin": []}
+
+    def add(prompt: str, chosen: str, rejected: str, margin: float) -> None:
+        for key, value in zip(pairs, (prompt, chosen, rejected, margin)):
+            pairs[key].append(value)
+
+    agreements: list[bool] = []
+    for g, group in enumerate(groups):
+        prompt = prompts[g]
+        if len(group) < 2:
+            continue
+        if method == "judge":
+            verdict = verdicts[(prompt, group[0], group[1])]
+            agreements.append(verdict.agree)
+            if verdict.agree:
+                chosen, rejected = (group[0], group[1]) if verdict.margin > 0 else (group[1], group[0])
+                add(prompt, chosen, rejected, abs(verdict.margin))
+            continue
+        if use_judge:
+            scores = [0.0] * len(group)
+            for i in range(len(group)):
+                for j in range(i + 1, len(group)):
+                    margin = verdicts[(prompt, group[i], group[j])].margin
+                    scores[i] += margin
+                    scores[j] -= margin
+        else:
+            scores = [task.reward(sample, answers[g]) for sample in group]
+        best = max(range(len(group)), key=lambda i: scores[i])
+        for i in sorted(range(len(group)), key=lambda i: scores[i]):  # at most k - 1: every sample but the best
+            if scores[i] < scores[best]:
+                add(prompt, group[best], group[i], scores[best] - scores[i])
+    stats = {
+        "method": method,
+        "scored_by": "judge" if use_judge else f"{task.name} verifier reward",
+        "samples_per_prompt": k,
+        "prompts": len(prompts),
+        "prompts_with_a_pair": len(set(pairs["prompt"])),
+        "pairs": len(pairs["prompt"]),
+        "margin": _quantiles(pairs["margin"]),
+        "both_orders_agree_fraction": sum(agreements) / len(agreements) if agreements else None,
+    }
+    return Dataset.from_dict(pairs), stats

@@ -1,0 +1,55 @@
+"""Batched generation from already-encoded prompts: one implementation for evaluation, data generation and
+Best-of-N sampling. Prompts are grouped by length (little padding), left-padded, and returned in input order."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    desc: str = "Generating",
+) -> list[list[str]]:
+    """`num_samples` decoded continuations (special tokens skipped) per prompt; greedy when `temperature` is 0.
+
+    Sampling is seeded per batch, so the same call gives the same samples."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    outputs: list[list[str]] = [[] for _ in prompt_ids]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    for batch_number, start in enumerate(tqdm(range(0, len(order), batch_size), desc=desc, unit="batch")):
+        batch = order[start : start + batch_size]
+        width = max(len(prompt_ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
+            attention_mask[row, width - len(prompt_ids[i]) :] = 1
+        torch.manual_seed(seed * 1_000_003 + batch_number)
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_samples,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+            **sampling,
+        )
+        texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        for row, i in enumerate(batch):
+            outputs[i] = texts[row * num_samples : (row + 1) * num_samples]
+    model.train(was_training)
+    return outputs
