@@ -24,10 +24,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/hf-ext train recipes/sft.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/hf-ext train recipes/sft.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -ra
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sft_overhead.py

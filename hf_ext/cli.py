@@ -3,6 +3,7 @@
     hf-ext train RECIPE.yaml [--key value ...] [-- ACCELERATE FLAGS ...]
     hf-ext eval --model PATH[,PATH...] [--task NAME] [--judge PATH] [--num_examples N] ...
     hf-ext data generate-sft|make-pairs|manifest ...
+    hf-ext pipeline recipes/pipelines/stage1.yaml
 
 `hf-ext train` runs the recipe in this process, or, when the recipe sets `num_processes` > 1 or `accelerate_config`
 or accelerate flags follow `--`, relaunches exactly `accelerate launch [flags] -m hf_ext.train RECIPE [overrides]`.
@@ -21,6 +22,15 @@ from pathlib import Path
 from hf_ext.errors import UserInputError
 
 ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp")
+
+
+def string_to_bool(value: str | bool) -> bool:
+    """Boolean options take values as in `hf-ext train` (`--flag`, `--flag true`, `--flag false`)."""
+    if isinstance(value, bool) or value.lower() in ("true", "yes", "1"):
+        return value if isinstance(value, bool) else True
+    if value.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def accelerate_config_path(name_or_path: str) -> str:
@@ -91,7 +101,7 @@ def eval_command(args: list[str]) -> None:
     parser.add_argument("--seed", type=int, help="split seed (default: the recipe's seed, else 42)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--load_in_4bit", type=string_to_bool, nargs="?", const=True, default=None)
     parser.add_argument("--judge", help="judge model for win rates of every model against the first one")
     parser.add_argument("--output", help="write the results as JSON to this file")
     options = parser.parse_args(args)
@@ -171,10 +181,11 @@ def data_command(args: list[str]) -> None:
         sub.add_argument("--batch_size", type=int, default=16)
         sub.add_argument("--max_new_tokens", type=int, default=32)
         sub.add_argument("--temperature", type=float, default=None)
-        sub.add_argument("--load_in_4bit", action="store_true")
+        sub.add_argument("--load_in_4bit", type=string_to_bool, nargs="?", const=True, default=False)
     generate.add_argument("--shots", type=int, default=3)
     generate.add_argument("--min_response_chars", type=int, default=1)
-    generate.add_argument("--keep_unverified", action="store_true", help="keep responses the task verifier rejects")
+    generate.add_argument("--keep_unverified", type=string_to_bool, nargs="?", const=True, default=False,
+                          help="keep responses the task verifier rejects")
     pairs.add_argument("--method", choices=["hard_negatives", "best_of_n", "judge"], default="best_of_n")
     pairs.add_argument("--k", type=int, default=4, help="samples per prompt for best_of_n")
     pairs.add_argument("--judge", help="judge model (method judge, or best_of_n without a verifier)")
@@ -268,7 +279,15 @@ def vet_file(path: str) -> None:
     print(f"{path}: {manifest['rows']} rows validated; manifest written")
 
 
-COMMANDS = {"train": train_command, "eval": eval_command, "data": data_command}
+def pipeline_command(args: list[str]) -> None:
+    if len(args) != 1:
+        raise UserInputError("usage: hf-ext pipeline PIPELINE.yaml")
+    from hf_ext.pipeline import run_pipeline
+
+    run_pipeline(args[0])
+
+
+COMMANDS = {"train": train_command, "eval": eval_command, "data": data_command, "pipeline": pipeline_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,3 +104,37 @@ def test_sequential_eval_keeps_peak_memory_near_one_model(tmp_path):
     assert several["peak_rss_mb"] < single["peak_rss_mb"] + 0.5 * model_mb, (
         f"{several['peak_rss_mb']:.0f} MB for 3 models + judge vs {single['peak_rss_mb']:.0f} MB for one"
     )
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_step_then_skips_completed_ones(tmp_path):
+    pipeline = tmp_path / "tiny.yaml"
+    pipeline.write_text(f"""
+output_dir: {tmp_path / "out"}
+model_name_or_path: {SMOLLM2}
+base_model_id: HuggingFaceTB/SmolLM2-135M-Instruct
+task: addition
+data_format: instruction
+generate_sft: {{num_prompts: 16, max_new_tokens: 8, keep_unverified: true}}
+sft: {{recipe: recipes/sft.yaml, max_steps: 2, per_device_train_batch_size: 2}}
+make_pairs: {{method: best_of_n, k: 2, num_prompts: 8, max_new_tokens: 8, temperature: 1.0}}
+dpo: {{recipe: recipes/dpo.yaml, max_steps: 1, per_device_train_batch_size: 2}}
+evaluate: {{num_examples: 4, batch_size: 4, max_new_tokens: 4}}
+""")
+    first = run_cli("hf-ext", "pipeline", str(pipeline))
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "out"
+    report = json.loads((out / "pipeline.json").read_text())
+    assert [s["status"] for s in report["steps"].values()] == ["ran"] * 5
+    assert [row["model"] for row in report["table"]] == ["base", "sft", "dpo"]
+    assert report["table"][0]["win_rate_vs_base"] is None and 0 <= report["table"][2]["win_rate_vs_base"] <= 1
+    dpo_recipe = (out / "dpo" / "recipe.yaml").read_text()
+    assert f"model_name_or_path: {out / 'sft'}" in dpo_recipe, "DPO continues from the SFT adapter"
+    for data in (out / "generate_sft" / "sft.jsonl", out / "make_pairs" / "pairs.jsonl"):
+        verify_manifest(data)
+
+    second = run_cli("hf-ext", "pipeline", str(pipeline))
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads((out / "pipeline.json").read_text())
+    assert [s["status"] for s in again["steps"].values()] == ["skipped (complete)"] * 5
+    assert again["table"] == report["table"]
