@@ -106,13 +106,12 @@ def eval_command(args: list[str]) -> None:
     parser.add_argument("--output", help="write the results as JSON to this file")
     options = parser.parse_args(args)
 
-    import gc
     import resource
 
     from hf_ext.data.formats import detect_format
     from hf_ext.data.tasks import TASKS
     from hf_ext.eval.accuracy import evaluate_task
-    from hf_ext.loading import load_model, load_tokenizer
+    from hf_ext.loading import load_model, load_tokenizer, release_memory
     from hf_ext.recipe import ModelArguments, ScriptArguments, read_yaml_mapping
 
     def peak_rss_mb() -> float:
@@ -137,7 +136,7 @@ def eval_command(args: list[str]) -> None:
         model = load_model(model_args)
         result = evaluate_task(model, tokenizer, TASKS[task_name], split, data_format, options.batch_size, options.max_new_tokens, desc=reference)
         del model  # one model in memory at a time
-        gc.collect()
+        release_memory()
         results.append({"model": reference, **result, "peak_rss_mb_so_far": peak_rss_mb()})
         print(f"{reference}: {task_name} accuracy {result['accuracy']:.3f} on {result['num_examples']} examples ({data_format.name})")
 
@@ -154,7 +153,7 @@ def eval_command(args: list[str]) -> None:
                 "win_rate": (outcomes.get("win", 0) + 0.5 * outcomes.get("tie", 0)) / len(triples),
             }
         del judge
-        gc.collect()
+        release_memory()
 
     summary = {"models": results, "peak_rss_mb": peak_rss_mb()}
     print("\n| model | accuracy | win rate vs first (judge) |\n|---|---|---|")
@@ -249,6 +248,11 @@ def data_command(args: list[str]) -> None:
 def _write_pairs(dataset, output: str, stats: dict, source_model: str | None) -> None:
     from hf_ext.data.manifest import write_manifest
 
+    if len(dataset) == 0:
+        raise UserInputError(
+            f"make-pairs: no prompt yielded a pair (every sample scored the same, or the judge's orders disagreed); "
+            f"raise --num_prompts, --k or --temperature. Stats: {json.dumps(stats)}"
+        )
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     staging = Path(output + ".tmp")
     staging.write_text("".join(json.dumps(row) + "\n" for row in dataset))

@@ -199,3 +199,20 @@ def load_model(model_args, trust_remote_code: bool = False, trainable_adapter: b
 
         model = PeftModel.from_pretrained(model, source.location, is_trainable=trainable_adapter)
     return model
+
+
+def release_memory() -> None:
+    """Give the memory of models that are no longer referenced back to the system before the next one loads.
+
+    `gc.collect()` frees the tensors; on glibc, `malloc_trim` returns the freed heap so that the next model does not
+    stack on top of fragmented arenas (measured: without it, three models in turn could peak one model higher)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass

@@ -9,7 +9,6 @@ checkpoint, generation from its partial file).
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ def _options(step: dict) -> list[str]:
 def run_pipeline(path: str | Path) -> dict:
     from hf_ext.cli import data_command, eval_command
     from hf_ext.data.manifest import verify_manifest
+    from hf_ext.loading import release_memory
     from hf_ext.recipe import read_yaml_mapping
     from hf_ext.report import is_finished
     from hf_ext.train import run
@@ -85,7 +85,7 @@ def run_pipeline(path: str | Path) -> dict:
         start = time.time()
         results.parent.mkdir(parents=True, exist_ok=True)
         execute()
-        gc.collect()
+        release_memory()
         report["steps"][name] = {"status": "ran", "seconds": round(time.time() - start, 1)}
     summary = json.loads(results.read_text())
     report["table"] = [

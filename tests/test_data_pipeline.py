@@ -100,8 +100,11 @@ def test_sequential_eval_keeps_peak_memory_near_one_model(tmp_path):
     assert [m["accuracy"] for m in several["models"]] == [single["models"][0]["accuracy"]] * 3
     judged = several["models"][1]["judge_vs_first"]
     assert judged["win"] + judged["loss"] + judged["tie"] == 8 and 0 <= judged["win_rate"] <= 1
-    model_mb = 135e6 * 4 / 2**20  # one fp32 SmolLM2-135M: ~515 MB
-    assert several["peak_rss_mb"] < single["peak_rss_mb"] + 0.5 * model_mb, (
+    # "One model at a time": two resident models would cost one more model's weights (~515 MB fp32) on top of a
+    # single-model run. Measured: 1066 MB for one model, 1331 MB for three models + the judge (the judge's forward
+    # pass adds ~130 MB); before the judge kept only the last logits it was 1602 MB, which this bound rejects.
+    model_mb = 135e6 * 4 / 2**20
+    assert several["peak_rss_mb"] < single["peak_rss_mb"] + model_mb, (
         f"{several['peak_rss_mb']:.0f} MB for 3 models + judge vs {single['peak_rss_mb']:.0f} MB for one"
     )
 
@@ -117,7 +120,7 @@ task: addition
 data_format: instruction
 generate_sft: {{num_prompts: 16, max_new_tokens: 8, keep_unverified: true}}
 sft: {{recipe: recipes/sft.yaml, max_steps: 2, per_device_train_batch_size: 2}}
-make_pairs: {{method: best_of_n, k: 2, num_prompts: 8, max_new_tokens: 8, temperature: 1.0}}
+make_pairs: {{method: hard_negatives, num_prompts: 8}}
 dpo: {{recipe: recipes/dpo.yaml, max_steps: 1, per_device_train_batch_size: 2}}
 evaluate: {{num_examples: 4, batch_size: 4, max_new_tokens: 4}}
 """)

@@ -26,6 +26,8 @@ def load_splits(script_args, seed: int) -> DatasetDict:
 
     name = script_args.dataset_name
     path = Path(name)
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserInputError(f"dataset {name}: the file is empty")
     if path.is_file() and not script_args.allow_unverified_data:
         from hf_ext.data.manifest import verify_manifest
 

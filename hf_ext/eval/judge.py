@@ -73,7 +73,10 @@ class LogprobJudge:
             for row, ids in enumerate(batch):
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention_mask[row, width - len(ids) :] = 1
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, -1]
+            # Only the next-token logits: a full (batch, length, vocab) logits tensor would cost hundreds of MB.
+            logits = self.model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=1
+            ).logits[:, -1]
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             margins += (log_probs[:, self.letter_ids[0]] - log_probs[:, self.letter_ids[1]]).tolist()
         return margins
