@@ -94,7 +94,8 @@ def eval_command(args: list[str]) -> None:
         description="Exact-match accuracy of one or more models on a verifiable task, one model in memory at a time. "
         "Defaults come from the recipe.yaml saved next to a trained model.",
     )
-    parser.add_argument("--model", required=True, help="model reference(s), comma-separated: folder, adapter, .gguf, Hub id, package://")
+    parser.add_argument("--model", "--models", dest="model", required=True,
+                        help="model reference(s), comma-separated, evaluated in order: folder, adapter, .gguf, Hub id, package://")
     parser.add_argument("--task", help="verifiable task (default: the model's recipe.yaml)")
     parser.add_argument("--data_format", help="prompt encoding: messages, instruction or prompt_completion")
     parser.add_argument("--num_examples", type=int, help="held-out examples to score (default: the task_eval_size)")

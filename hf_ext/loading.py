@@ -201,6 +201,34 @@ def load_model(model_args, trust_remote_code: bool = False, trainable_adapter: b
     return model
 
 
+UNSLOTH_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load_unsloth_model(model_args, max_seq_length: int):
+    """The model through Unsloth's `FastLanguageModel` (CUDA GPUs only), with LoRA applied by Unsloth itself.
+
+    Unsloth does not take `all-linear`: it gets the attention and MLP projections of Llama-style models."""
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=_loadable(resolve_model(model_args.model_name_or_path)),
+        max_seq_length=max_seq_length,
+        dtype=None if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
+        load_in_4bit=model_args.load_in_4bit,
+    )
+    if not model_args.use_peft:
+        return model
+    targets = model_args.lora_target_modules
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=UNSLOTH_LORA_TARGETS if targets in (None, "all-linear", ["all-linear"]) else targets,
+        use_gradient_checkpointing="unsloth",
+    )
+
+
 def release_memory() -> None:
     """Give the memory of models that are no longer referenced back to the system before the next one loads.
 

@@ -263,8 +263,15 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe
 
 def validate_paths(recipe: Recipe) -> None:
     """Files the recipe names must exist before anything loads."""
+    from hf_ext.loading import HUB_ID_PATTERN
+
     dataset = recipe.script_args.dataset_name
-    if dataset and (dataset.endswith(LOCAL_DATA_SUFFIXES) or os.sep in dataset or dataset.startswith(".")):
+    looks_local = dataset and (
+        dataset.endswith(LOCAL_DATA_SUFFIXES)
+        or dataset.startswith((".", "/", "~"))
+        or (os.sep in dataset and not HUB_ID_PATTERN.match(dataset))
+    )
+    if looks_local:
         if not Path(dataset).exists():
             raise UserInputError(f"{recipe.path}: key 'dataset_name': file {dataset} does not exist")
     if recipe.script_args.dataset_name and recipe.script_args.task:

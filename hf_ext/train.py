@@ -76,7 +76,12 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         recipe.write(output_dir / "recipe.yaml")
     state.wait_for_everyone()
 
-    model = load_model(model_args, trust_remote_code=training_args.trust_remote_code, trainable_adapter=True)
+    if getattr(training_args, "backend", "transformers") == "unsloth":
+        from hf_ext.loading import load_unsloth_model
+
+        model = load_unsloth_model(model_args, training_args.max_length or 2048)
+    else:
+        model = load_model(model_args, trust_remote_code=training_args.trust_remote_code, trainable_adapter=True)
     metrics: dict = {"stage": recipe.stage, "recipe": str(recipe.path), "model": model_args.model_name_or_path}
 
     def accuracy(model_to_score, label: str) -> dict:

@@ -125,3 +125,45 @@ def test_dpo_recipe_trains_with_loss_starting_at_log_2(tmp_path):
     assert metrics["loss_curve"]["loss"][0] == pytest.approx(math.log(2), abs=1e-5)
     card = (out / "README.md").read_text()
     assert "- dpo" in card and "trl.DPOTrainer" in card and (out / "adapter_model.safetensors").is_file()
+
+
+def test_unsloth_backend_loads_through_fast_language_model(monkeypatch):
+    """No GPU here, so Unsloth is replaced by a stand-in that records what hf_ext asks of it."""
+    import sys
+    import types
+
+    from hf_ext.loading import UNSLOTH_LORA_TARGETS, load_unsloth_model
+    from hf_ext.recipe import ModelArguments
+
+    calls = {}
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kwargs):
+            calls["from_pretrained"] = kwargs
+            return "model", "tokenizer"
+
+        @staticmethod
+        def get_peft_model(model, **kwargs):
+            calls["get_peft_model"] = kwargs
+            return f"peft({model})"
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel))
+    args = ModelArguments(model_name_or_path=SMOLLM2, load_in_4bit=True, use_peft=True, dtype="bfloat16")
+    assert load_unsloth_model(args, max_seq_length=512) == "peft(model)"
+    import torch
+
+    loaded = calls["from_pretrained"]
+    assert loaded["load_in_4bit"] and loaded["max_seq_length"] == 512 and loaded["dtype"] is torch.bfloat16
+    assert "gguf/SmolLM2-135M-Instruct.Q4_1-" in loaded["model_name"], "the converted GGUF folder"
+    lora = calls["get_peft_model"]
+    assert (lora["r"], lora["lora_alpha"], lora["lora_dropout"]) == (16, 32, 0.1)
+    assert lora["target_modules"] == UNSLOTH_LORA_TARGETS
+
+
+def test_hub_dataset_needs_an_explicit_opt_out(tmp_path, tokenizer):
+    from hf_ext.trainers.dpo import build_datasets
+
+    recipe = parse_recipe(REPO / "recipes" / "dpo.yaml", ["--task", "", "--dataset_name", "someone/pairs", "--output_dir", str(tmp_path)])
+    with pytest.raises(UserInputError, match="a Hub dataset has no QC manifest; set allow_unverified_data: true"):
+        build_datasets(recipe.script_args, recipe.training_args, tokenizer)

@@ -38,6 +38,11 @@ def load_splits(script_args, seed: int) -> DatasetDict:
         elif path.is_dir() and (path / "dataset_dict.json").exists():
             loaded = datasets.load_from_disk(str(path))
         else:
+            if not script_args.allow_unverified_data:
+                raise UserInputError(
+                    f"dataset {name}: a Hub dataset has no QC manifest; set allow_unverified_data: true to train on it "
+                    f"as it is, or save it to a .jsonl file and vet it with `hf-ext data manifest FILE`"
+                )
             loaded = datasets.load_dataset(name, script_args.dataset_config)
     except (FileNotFoundError, ValueError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
