@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from sft_overhead import SMOLLM2, StepTimer
+from sft_overhead import SMOLLM2, child_peak_rss, interleaved_step_times, machine
 
 RESULTS = Path(__file__).parent / "results" / "dpo_overhead.json"
 
@@ -66,15 +63,6 @@ def build_trainer(kind: str, steps: int, batch_size: int, output_dir: str):
                           processing_class=tokenizer, peft_config=peft_config(model_args))
 
 
-def seconds_per_step(kind: str, steps: int, batch_size: int) -> float:
-    with tempfile.TemporaryDirectory() as output_dir:
-        trainer = build_trainer(kind, steps, batch_size, output_dir)
-        timer = StepTimer()
-        trainer.add_callback(timer.callback)
-        trainer.train()
-    return statistics.median(timer.times[1:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -88,28 +76,15 @@ def main() -> None:
         print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
 
-    import torch
-
-    step_times: dict[str, list[float]] = {"hf_ext": [], "trl": []}
-    for repeat in range(args.repeats):
-        for kind in ("hf_ext", "trl") if repeat % 2 == 0 else ("trl", "hf_ext"):
-            step_times[kind].append(seconds_per_step(kind, args.steps, args.batch_size))
-            print(f"repeat {repeat} {kind}: {step_times[kind][-1]:.3f} s/step", file=sys.stderr)
-    rss: dict[str, list[float]] = {"hf_ext": [], "trl": []}
-    for _ in range(2):
-        for kind in rss:
-            child = subprocess.run(
-                [sys.executable, __file__, "--rss_child", kind, "--steps", "3", "--batch_size", str(args.batch_size)],
-                capture_output=True, text=True, check=True,
-            )
-            rss[kind].append(json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    step_times = interleaved_step_times(build_trainer, args.repeats, args.steps, args.batch_size)
+    rss = child_peak_rss(__file__, ("hf_ext", "trl"), args.batch_size)
 
     median = {k: statistics.median(v) for k, v in step_times.items()}
     peak = {k: statistics.median(v) for k, v in rss.items()}
     result = {
         "benchmark": "dpo_overhead",
         "command": "python benchmarks/dpo_overhead.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "model": "SmolLM2-135M-Instruct, 4-bit nf4 + LoRA r=16 all-linear, fp32 compute",
         "batch_size": args.batch_size, "steps_per_run": args.steps, "repeats": args.repeats,
         "seconds_per_step": step_times, "median_seconds_per_step": median,

@@ -78,13 +78,39 @@ def build_trainer(kind: str, steps: int, batch_size: int, output_dir: str, quant
                           processing_class=tokenizer, peft_config=peft_config(model_args))
 
 
-def seconds_per_step(kind: str, steps: int, batch_size: int) -> float:
-    with tempfile.TemporaryDirectory() as output_dir:
-        trainer = build_trainer(kind, steps, batch_size, output_dir)
-        timer = StepTimer()
-        trainer.add_callback(timer.callback)
-        trainer.train()
-    return statistics.median(timer.times[1:])
+def interleaved_step_times(build, repeats: int, steps: int, batch_size: int) -> dict[str, list[float]]:
+    """Median seconds per step of `build("hf_ext" | "trl", steps, batch_size, output_dir)` trainers, alternating
+    which goes first, a fresh model each run (the first step of a run is warm-up and excluded)."""
+    times: dict[str, list[float]] = {"hf_ext": [], "trl": []}
+    for repeat in range(repeats):
+        for kind in ("hf_ext", "trl") if repeat % 2 == 0 else ("trl", "hf_ext"):
+            with tempfile.TemporaryDirectory() as output_dir:
+                trainer = build(kind, steps, batch_size, output_dir)
+                timer = StepTimer()
+                trainer.add_callback(timer.callback)
+                trainer.train()
+            times[kind].append(statistics.median(timer.times[1:]))
+            print(f"repeat {repeat} {kind}: {times[kind][-1]:.3f} s/step", file=sys.stderr)
+    return times
+
+
+def child_peak_rss(script: str, modes: tuple[str, ...], batch_size: int, rounds: int = 2) -> dict[str, list[float]]:
+    """Peak RSS (MB) of `script --rss_child MODE` child processes, alternating modes, `rounds` each."""
+    rss: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            child = subprocess.run(
+                [sys.executable, script, "--rss_child", mode, "--steps", "3", "--batch_size", str(batch_size)],
+                capture_output=True, text=True, check=True,
+            )
+            rss[mode].append(json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    return rss
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def peak_rss_child(mode: str, steps: int, batch_size: int) -> None:
@@ -103,29 +129,15 @@ def main() -> None:
     if args.rss_child:
         return peak_rss_child(args.rss_child, args.steps, args.batch_size)
 
-    import torch
-
-    step_times: dict[str, list[float]] = {"hf_ext": [], "trl": []}
-    for repeat in range(args.repeats):
-        for kind in ("hf_ext", "trl") if repeat % 2 == 0 else ("trl", "hf_ext"):
-            step_times[kind].append(seconds_per_step(kind, args.steps, args.batch_size))
-            print(f"repeat {repeat} {kind}: {step_times[kind][-1]:.3f} s/step", file=sys.stderr)
-
-    rss: dict[str, list[float]] = {"qlora": [], "full": []}
-    for _ in range(2):
-        for mode in rss:
-            child = subprocess.run(
-                [sys.executable, __file__, "--rss_child", mode, "--steps", "3", "--batch_size", str(args.batch_size)],
-                capture_output=True, text=True, check=True,
-            )
-            rss[mode].append(json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    step_times = interleaved_step_times(build_trainer, args.repeats, args.steps, args.batch_size)
+    rss = child_peak_rss(__file__, ("qlora", "full"), args.batch_size)
 
     median = {k: statistics.median(v) for k, v in step_times.items()}
     peak = {k: statistics.median(v) for k, v in rss.items()}
     result = {
         "benchmark": "sft_overhead",
         "command": "python benchmarks/sft_overhead.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "model": "SmolLM2-135M-Instruct, 4-bit nf4 + LoRA r=16 all-linear, fp32 compute",
         "batch_size": args.batch_size,
         "steps_per_run": args.steps,

@@ -266,7 +266,7 @@ def vet_file(path: str) -> None:
     """Validate every row of a user's .jsonl file (SFT rows or pairs) and write its manifest."""
     from datasets import load_dataset
 
-    from hf_ext.data.formats import FORMATS, detect_format
+    from hf_ext.data.formats import detect_format
     from hf_ext.data.manifest import write_manifest
     from hf_ext.data.pairs import validate_pair
 

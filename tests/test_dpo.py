@@ -3,7 +3,6 @@ import math
 import random
 
 import pytest
-from datasets import Dataset
 
 from hf_ext.data.formats import FORMATS
 from hf_ext.data.manifest import manifest_path, verify_manifest, write_manifest
