@@ -177,7 +177,11 @@ def data_command(args: list[str]) -> None:
         sub.add_argument("--task", required=True, help="verifiable task whose training prompts are used")
         sub.add_argument("--num_prompts", type=int, default=200)
         sub.add_argument("--output", required=True, help="the .jsonl file to write (plus .manifest.json)")
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--seed", type=int, default=0, help="sampling seed")
+        sub.add_argument("--split_seed", type=int, default=42,
+                         help="task split seed: prompts come from the train split, never the held-out one (recipes' seed)")
+        sub.add_argument("--eval_size", type=int, default=200,
+                         help="size of the held-out split kept out of the data (recipes' task_eval_size)")
         sub.add_argument("--batch_size", type=int, default=16)
         sub.add_argument("--max_new_tokens", type=int, default=32)
         sub.add_argument("--temperature", type=float, default=None)
@@ -204,7 +208,7 @@ def data_command(args: list[str]) -> None:
     if options.task not in TASKS:
         raise UserInputError(f"data: unknown task {options.task!r}; valid: {', '.join(TASKS)}")
     task = TASKS[options.task]
-    rows = task.splits(options.num_prompts, 0, seed=options.seed)["train"]
+    rows = task.splits(options.num_prompts, options.eval_size, seed=options.split_seed)["train"]
     if options.command == "make-pairs" and options.method == "hard_negatives":
         from hf_ext.data.pairs import task_pairs
 

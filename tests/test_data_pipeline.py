@@ -141,3 +141,14 @@ evaluate: {{num_examples: 4, batch_size: 4, max_new_tokens: 4}}
     again = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in again["steps"].values()] == ["skipped (complete)"] * 5
     assert again["table"] == report["table"]
+
+
+def test_data_tools_never_use_held_out_prompts(tmp_path):
+    """Prompts for generated data come from the task's train split, so `hf-ext eval`'s held-out split stays clean."""
+    out = tmp_path / "pairs.jsonl"
+    result = run_cli("hf-ext", "data", "make-pairs", "--method", "hard_negatives", "--model", SMOLLM2,
+                     "--task", "addition", "--num_prompts", "2000", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    used = {json.loads(line)["prompt"] for line in out.read_text().splitlines()}
+    held_out = set(TASKS["addition"].splits(2000, 200, seed=42)["test"]["prompt"])
+    assert len(used) > 1500 and not used & held_out
