@@ -180,6 +180,8 @@ def data_command(args: list[str]) -> None:
         sub.add_argument("--seed", type=int, default=0, help="sampling seed")
         sub.add_argument("--split_seed", type=int, default=42,
                          help="task split seed: prompts come from the train split, never the held-out one (recipes' seed)")
+        sub.add_argument("--offset", type=int, default=0,
+                         help="skip this many train-split prompts (e.g. those another data step already used)")
         sub.add_argument("--eval_size", type=int, default=200,
                          help="size of the held-out split kept out of the data (recipes' task_eval_size)")
         sub.add_argument("--batch_size", type=int, default=16)
@@ -208,7 +210,8 @@ def data_command(args: list[str]) -> None:
     if options.task not in TASKS:
         raise UserInputError(f"data: unknown task {options.task!r}; valid: {', '.join(TASKS)}")
     task = TASKS[options.task]
-    rows = task.splits(options.num_prompts, options.eval_size, seed=options.split_seed)["train"]
+    rows = task.splits(options.offset + options.num_prompts, options.eval_size, seed=options.split_seed)["train"]
+    rows = rows.select(range(options.offset, len(rows)))
     if options.command == "make-pairs" and options.method == "hard_negatives":
         from hf_ext.data.pairs import task_pairs
 

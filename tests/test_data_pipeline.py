@@ -152,3 +152,10 @@ def test_data_tools_never_use_held_out_prompts(tmp_path):
     used = {json.loads(line)["prompt"] for line in out.read_text().splitlines()}
     held_out = set(TASKS["addition"].splits(2000, 200, seed=42)["test"]["prompt"])
     assert len(used) > 1500 and not used & held_out
+    skipped = tmp_path / "skipped.jsonl"
+    result = run_cli("hf-ext", "data", "make-pairs", "--method", "hard_negatives", "--model", SMOLLM2,
+                     "--task", "addition", "--num_prompts", "100", "--offset", "1900", "--output", str(skipped))
+    assert result.returncode == 0, result.stderr[-2000:]
+    later = [json.loads(line)["prompt"] for line in skipped.read_text().splitlines()]
+    first_2000 = list(TASKS["addition"].splits(2000, 200, seed=42)["train"]["prompt"])
+    assert later[:5] == first_2000[1900:1905], "--offset skips the prompts other steps used"
