@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-from sft_overhead import SMOLLM2, child_peak_rss, interleaved_step_times, machine
+from sft_overhead import SMOLLM2, child_peak_rss, interleaved_step_times, timing_summary
 
 RESULTS = Path(__file__).parent / "results" / "dpo_overhead.json"
 
@@ -79,18 +77,9 @@ def main() -> None:
     step_times = interleaved_step_times(build_trainer, args.repeats, args.steps, args.batch_size)
     rss = child_peak_rss(__file__, ("hf_ext", "trl"), args.batch_size)
 
-    median = {k: statistics.median(v) for k, v in step_times.items()}
-    peak = {k: statistics.median(v) for k, v in rss.items()}
-    result = {
-        "benchmark": "dpo_overhead",
-        "command": "python benchmarks/dpo_overhead.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
-        "model": "SmolLM2-135M-Instruct, 4-bit nf4 + LoRA r=16 all-linear, fp32 compute",
-        "batch_size": args.batch_size, "steps_per_run": args.steps, "repeats": args.repeats,
-        "seconds_per_step": step_times, "median_seconds_per_step": median,
-        "time_ratio_hf_ext_over_trl": median["hf_ext"] / median["trl"],
-        "peak_rss_mb": rss, "median_peak_rss_mb": peak, "rss_ratio_hf_ext_over_trl": peak["hf_ext"] / peak["trl"],
-    }
+    result = timing_summary("dpo_overhead", args, step_times, rss)
+    median, peak = result["median_seconds_per_step"], result["median_peak_rss_mb"]
+    result["rss_ratio_hf_ext_over_trl"] = peak["hf_ext"] / peak["trl"]
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     print("| measure | hf_ext | plain `trl.DPOTrainer` | ratio |\n|---|---|---|---|")

@@ -107,10 +107,25 @@ def child_peak_rss(script: str, modes: tuple[str, ...], batch_size: int, rounds:
     return rss
 
 
-def machine() -> str:
+def timing_summary(name: str, args, step_times: dict[str, list[float]], rss: dict[str, list[float]]) -> dict:
+    """The fields every overhead benchmark writes: setup, raw numbers, medians and the hf_ext/TRL time ratio."""
     import torch
 
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    median = {k: statistics.median(v) for k, v in step_times.items()}
+    return {
+        "benchmark": name,
+        "command": f"python benchmarks/{name}.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "model": "SmolLM2-135M-Instruct, 4-bit nf4 + LoRA r=16 all-linear, fp32 compute",
+        "batch_size": args.batch_size,
+        "steps_per_run": args.steps,
+        "repeats": args.repeats,
+        "seconds_per_step": step_times,
+        "median_seconds_per_step": median,
+        "time_ratio_hf_ext_over_trl": median["hf_ext"] / median["trl"],
+        "peak_rss_mb": rss,
+        "median_peak_rss_mb": {k: statistics.median(v) for k, v in rss.items()},
+    }
 
 
 def peak_rss_child(mode: str, steps: int, batch_size: int) -> None:
@@ -132,23 +147,9 @@ def main() -> None:
     step_times = interleaved_step_times(build_trainer, args.repeats, args.steps, args.batch_size)
     rss = child_peak_rss(__file__, ("qlora", "full"), args.batch_size)
 
-    median = {k: statistics.median(v) for k, v in step_times.items()}
-    peak = {k: statistics.median(v) for k, v in rss.items()}
-    result = {
-        "benchmark": "sft_overhead",
-        "command": "python benchmarks/sft_overhead.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
-        "model": "SmolLM2-135M-Instruct, 4-bit nf4 + LoRA r=16 all-linear, fp32 compute",
-        "batch_size": args.batch_size,
-        "steps_per_run": args.steps,
-        "repeats": args.repeats,
-        "seconds_per_step": step_times,
-        "median_seconds_per_step": median,
-        "time_ratio_hf_ext_over_trl": median["hf_ext"] / median["trl"],
-        "peak_rss_mb": rss,
-        "median_peak_rss_mb": peak,
-        "rss_ratio_qlora_over_full": peak["qlora"] / peak["full"],
-    }
+    result = timing_summary("sft_overhead", args, step_times, rss)
+    median, peak = result["median_seconds_per_step"], result["median_peak_rss_mb"]
+    result["rss_ratio_qlora_over_full"] = peak["qlora"] / peak["full"]
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     print("| measure | hf_ext | reference | ratio |\n|---|---|---|---|")

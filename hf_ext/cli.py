@@ -254,18 +254,14 @@ def data_command(args: list[str]) -> None:
 
 
 def _write_pairs(dataset, output: str, stats: dict, source_model: str | None) -> None:
-    from hf_ext.data.manifest import write_manifest
+    from hf_ext.data.manifest import write_data_file
 
     if len(dataset) == 0:
         raise UserInputError(
             f"make-pairs: no prompt yielded a pair (every sample scored the same, or the judge's orders disagreed); "
             f"raise --num_prompts, --k or --temperature. Stats: {json.dumps(stats)}"
         )
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(output + ".tmp")
-    staging.write_text("".join(json.dumps(row) + "\n" for row in dataset))
-    os.replace(staging, output)
-    manifest = write_manifest(output, generator="hf_ext.data.pairs", qc=stats, source_model=source_model)
+    manifest = write_data_file(output, list(dataset), generator="hf_ext.data.pairs", qc=stats, source_model=source_model)
     print(f"{output}: {manifest['rows']} pairs; QC {json.dumps(stats)}")
 
 

@@ -7,6 +7,17 @@ import torch
 from tqdm.auto import tqdm
 
 
+def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` for prompts of different lengths, padded on the left."""
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -32,12 +43,8 @@ def generate(
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     for batch_number, start in enumerate(tqdm(range(0, len(order), batch_size), desc=desc, unit="batch")):
         batch = order[start : start + batch_size]
-        width = max(len(prompt_ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
-            attention_mask[row, width - len(prompt_ids[i]) :] = 1
+        input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], pad_id)
+        width = input_ids.shape[1]
         torch.manual_seed(seed * 1_000_003 + batch_number)
         output = model.generate(
             input_ids=input_ids.to(device),

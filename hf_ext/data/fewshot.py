@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_ext.data.formats import Instruction
-from hf_ext.data.manifest import write_manifest
+from hf_ext.data.manifest import write_data_file
 
 # (category, instruction, response): solved examples shown to the base model, checked by hand.
 FEW_SHOT_POOL = [
@@ -125,9 +125,6 @@ def generate_sft_data(model, tokenizer, instructions: list[str], output: str | P
 
     rows = [done[i] for i in range(len(instructions))]
     kept = [r for r in rows if r["status"].startswith("kept")]
-    staging = output.with_name(output.name + ".tmp")
-    staging.write_text("".join(json.dumps({"instruction": r["instruction"], "response": r["response"]}) + "\n" for r in kept))
-    os.replace(staging, output)
     statuses = Counter(r["status"] for r in rows)
     checked = [r["verified"] for r in rows if r["verified"] is not None]
     qc = {
@@ -138,7 +135,10 @@ def generate_sft_data(model, tokenizer, instructions: list[str], output: str | P
         "mean_response_chars": sum(len(r["response"]) for r in kept) / len(kept) if kept else 0.0,
         "duplicate_instructions": len(kept) - len({r["instruction"] for r in kept}),
     }
-    manifest = write_manifest(output, generator="hf_ext.data.fewshot", qc=qc, source_model=source_model,
-                              parameters={**settings.__dict__, "format": "instruction"})
+    manifest = write_data_file(
+        output, [{"instruction": r["instruction"], "response": r["response"]} for r in kept],
+        generator="hf_ext.data.fewshot", qc=qc, source_model=source_model,
+        parameters={**settings.__dict__, "format": "instruction"},
+    )
     partial.unlink()
     return manifest

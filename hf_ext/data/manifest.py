@@ -100,3 +100,20 @@ def verify_manifest(data_path: str | Path) -> dict[str, Any]:
     if manifest.get("rows") != rows:
         raise UserInputError(f"{data_path}: has {rows} rows, its manifest says {manifest.get('rows')}; {how}")
     return manifest
+
+
+def write_data_file(
+    data_path: str | Path,
+    rows: list[dict[str, Any]],
+    generator: str,
+    qc: dict[str, Any],
+    source_model: str | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `rows` as JSONL atomically, then its manifest: a reader never sees a half-written data file."""
+    data_path = Path(data_path)
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = data_path.with_name(data_path.name + ".tmp")
+    staging.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(staging, data_path)
+    return write_manifest(data_path, generator, qc, source_model=source_model, parameters=parameters)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from hf_ext.generation import left_pad
+
 QUESTION = (
     "Here is an instruction and two responses.\n\nInstruction: {prompt}\n\nResponse A: {a}\n\nResponse B: {b}\n\n"
     "Which response follows the instruction correctly and concisely? Answer with the letter A or B only."
@@ -66,13 +68,7 @@ class LogprobJudge:
         device = next(self.model.parameters()).device
         self.model.eval()
         for start in tqdm(range(0, len(prompts), self.batch_size), desc=desc, unit="batch"):
-            batch = prompts[start : start + self.batch_size]
-            width = max(len(p) for p in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for row, ids in enumerate(batch):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
+            input_ids, attention_mask = left_pad(prompts[start : start + self.batch_size], pad_id)
             # Only the next-token logits: a full (batch, length, vocab) logits tensor would cost hundreds of MB.
             logits = self.model(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=1
