@@ -1,7 +1,8 @@
 """hf_ext: research architectures and training stages that plug into transformers, TRL and PEFT.
 
-Importing the package must stay cheap: architectures register themselves with the Auto classes here
-(lazily importing nothing heavier than their configuration modules).
+`import hf_ext` registers hf_ext's architectures with transformers' Auto classes (`hf_ext.models`).
 """
 
 __version__ = "0.1.0"
+
+from hf_ext import models  # noqa: E402,F401  (registration side effect)

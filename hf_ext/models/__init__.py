@@ -1,0 +1,24 @@
+"""hf_ext's architectures, registered with transformers' Auto classes both ways.
+
+- In this process: `AutoConfig` / `AutoModel` / `AutoModelFor...` resolve the `model_type`s below to hf_ext's classes.
+- In every saved checkpoint: `register_for_auto_class` makes `save_pretrained` / `push_to_hub` copy the
+  self-contained configuration and modeling files next to the weights and write `auto_map` into config.json, so
+  `from_pretrained(path, trust_remote_code=True)` works where hf_ext is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .mhc import MHCConfig, MHCForCausalLM, MHCModel
+
+
+def register(config_class, base_model_class, head_classes: dict) -> None:
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, base_model_class, exist_ok=True)
+    config_class.register_for_auto_class()
+    base_model_class.register_for_auto_class("AutoModel")
+    for auto_class, model_class in head_classes.items():
+        auto_class.register(config_class, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_class.__name__)
+
+
+register(MHCConfig, MHCModel, {AutoModelForCausalLM: MHCForCausalLM})

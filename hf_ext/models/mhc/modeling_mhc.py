@@ -1,0 +1,372 @@
+"""mHC language model: a Llama-shaped decoder with manifold-constrained hyper-connections (arXiv 2512.24880).
+
+The residual stream is widened to `n = config.hc_mult` streams, `x` of shape `[batch, seq, n, hidden]`. Every
+sub-layer (attention, MLP) reads a weighted sum of the streams and writes its output back through its own
+`MHCHyperConnection`:
+
+    u  = sum_j H_pre[j] x[j]                       H_pre  = sigmoid(.) + eps            in (0, 1)
+    y  = F(RMSNorm(u))                             F = attention or MLP (Llama's own modules)
+    x' = H_res x + H_post y                        H_post = 2 sigmoid(.)                in (0, 2)
+                                                   H_res  = Sinkhorn(.)                 doubly stochastic
+
+The mappings are computed per token from the unweighted RMS-normalised flattened streams, in fp32, with the
+parameter names and the Sinkhorn definition of transformers' DeepSeek-V4 (`DeepseekV4HyperConnection`): the matrix
+is stored in the "comb" frame, `comb = H_res^T`, and applied as `comb^T @ x`. In that frame the columns of `comb`
+(rows of `H_res`: the forward gain) sum to 1 exactly; its rows (the backward gain) only approximately.
+
+The embedding is copied into all `n` streams once; after the last layer the streams are collapsed once
+(`config.hc_collapse`), then normalised by the final RMSNorm and projected by `lm_head`.
+
+`output_hidden_states=True` returns `num_hidden_layers + 1` tensors of shape `[batch, seq, n, hidden]` (the
+expanded embedding, then every layer's streams); `last_hidden_state` is the collapsed, normalised `[batch, seq,
+hidden]`.
+
+This file is copied next to every saved checkpoint, so it imports only torch, transformers and its own folder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_mhc import MHCConfig
+
+
+def sinkhorn(logits: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
+    """DeepSeek-V4's Sinkhorn-Knopp projection of `[..., n, n]` logits, in the comb frame.
+
+    Softmax over the last axis (+eps, so no row can underflow to all zeros), then column-normalise, then
+    `iterations - 1` times row- and column-normalise; every divisor is `sum + eps`. The columns of the result sum to
+    1 exactly; the rows approximately (closer with more iterations and flatter logits).
+    """
+    comb = torch.softmax(logits, dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iterations - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb
+
+
+def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+class FP32ParametersMixin:
+    """Keeps this module's own parameters in fp32 through `model.to(torch.bfloat16)` / `.half()`.
+
+    `from_pretrained(dtype=...)` already does this through `_keep_in_fp32_modules_strict`; a plain cast would
+    otherwise round the mapping parameters to bf16, whose Sinkhorn output drifts ~5e-3 per layer.
+    """
+
+    def _apply(self, fn, recurse=True):
+        originals = {name: param.data for name, param in self.named_parameters(recurse=False)}
+        super()._apply(fn, recurse)
+        for name, param in self.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = originals[name].to(device=param.device, dtype=torch.float32)
+        return self
+
+
+class MHCHyperConnection(FP32ParametersMixin, nn.Module):
+    """The three mappings of one sub-layer: `H_pre` (read), `H_post` (write) and `H_res` (mix), per token.
+
+    Parameters (DeepSeek-V4 names): `fn` = Phi `[n^2 + 2n, n * hidden]`, `base` = b `[n^2 + 2n]`, `scale` =
+    (alpha_pre, alpha_post, alpha_res). Layout of the `n^2 + 2n` outputs: `[pre (n) | post (n) | res (n^2, row-major)]`.
+    """
+
+    def __init__(self, config: MHCConfig, sublayer_idx: int, name: str):
+        super().__init__()
+        self.hc_mult = config.hc_mult
+        self.sinkhorn_iters = config.hc_sinkhorn_iters
+        self.eps = config.hc_eps
+        self.norm_eps = config.hc_norm_eps
+        self.sublayer_idx = sublayer_idx
+        self.name = name  # for error messages: "layer 3 attn_hc"
+        n = config.hc_mult
+        self.fn = nn.Parameter(torch.empty(n * n + 2 * n, n * config.hidden_size))
+        self.base = nn.Parameter(torch.empty(n * n + 2 * n))
+        self.scale = nn.Parameter(torch.empty(3))
+
+    def initial_base(self, pre_init: str, res_diag: float) -> torch.Tensor:
+        n = self.hc_mult
+        pre = torch.zeros(n)
+        if pre_init == "layer_mod_n" and n > 1:
+            pre = torch.full((n,), -2.0)
+            pre[self.sublayer_idx % n] = 2.0
+        post = torch.zeros(n)
+        res = torch.eye(n) * res_diag
+        return torch.cat([pre, post, res.flatten()])
+
+    def mappings(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(pre [.., n], post [.., n], comb [.., n, n])` in fp32 for streams `[.., n, hidden]`."""
+        n = self.hc_mult
+        with torch.autocast(device_type=streams.device.type, enabled=False):
+            flat = unweighted_rms_norm(streams.flatten(-2).float(), self.norm_eps)
+            mixes = F.linear(flat, self.fn.float())
+            pre_w, post_w, res_w = mixes.split([n, n, n * n], dim=-1)
+            pre_b, post_b, res_b = self.base.float().split([n, n, n * n])
+            pre_scale, post_scale, res_scale = self.scale.float().unbind(0)
+            pre = torch.sigmoid(pre_w * pre_scale + pre_b) + self.eps
+            post = 2 * torch.sigmoid(post_w * post_scale + post_b)
+            res_logits = res_w.unflatten(-1, (n, n)) * res_scale + res_b.view(n, n)
+            comb = sinkhorn(res_logits, self.sinkhorn_iters, self.eps)
+        return pre, post, comb
+
+    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns `(post, comb, collapsed)`: the write and mix matrices and the sub-layer input `sum_j H_pre[j] x[j]`."""
+        pre, post, comb = self.mappings(streams)
+        collapsed = (pre.to(streams.dtype).unsqueeze(-1) * streams).sum(dim=-2)
+        return post, comb, collapsed
+
+    @staticmethod
+    def combine(streams: torch.Tensor, output: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """`x'[k] = sum_j comb[j, k] x[j] + H_post[k] y`."""
+        dtype = streams.dtype
+        mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+        return mixed + post.to(dtype).unsqueeze(-1) * output.unsqueeze(-2)
+
+
+class MHCHyperHead(FP32ParametersMixin, nn.Module):
+    """The final learned collapse (DeepSeek-V4's `hc_head`): `h = sum_j w_j x[j]`, `w = sigmoid(.) + eps`."""
+
+    def __init__(self, config: MHCConfig):
+        super().__init__()
+        n = config.hc_mult
+        self.eps = config.hc_eps
+        self.norm_eps = config.hc_norm_eps
+        self.hc_fn = nn.Parameter(torch.empty(n, n * config.hidden_size))
+        self.hc_base = nn.Parameter(torch.empty(n))
+        self.hc_scale = nn.Parameter(torch.empty(1))
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=streams.device.type, enabled=False):
+            flat = unweighted_rms_norm(streams.flatten(-2).float(), self.norm_eps)
+            weights = torch.sigmoid(F.linear(flat, self.hc_fn.float()) * self.hc_scale.float() + self.hc_base.float())
+            weights = weights + self.eps
+        return (weights.to(streams.dtype).unsqueeze(-1) * streams).sum(dim=-2)
+
+
+class MHCDecoderLayer(GradientCheckpointingLayer):
+    """Llama's attention and MLP, each wrapped in its own hyper-connection. Input and output `[B, T, n, C]`."""
+
+    def __init__(self, config: MHCConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn_hc = MHCHyperConnection(config, 2 * layer_idx, f"layer {layer_idx} attn_hc")
+        self.ffn_hc = MHCHyperConnection(config, 2 * layer_idx + 1, f"layer {layer_idx} ffn_hc")
+        self.residual_dropout = nn.Dropout(config.residual_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        post, comb, collapsed = self.attn_hc(hidden_states)
+        attn_output, _ = self.self_attn(
+            hidden_states=self.input_layernorm(collapsed),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = self.attn_hc.combine(hidden_states, self.residual_dropout(attn_output), post, comb)
+
+        post, comb, collapsed = self.ffn_hc(hidden_states)
+        mlp_output = self.mlp(self.post_attention_layernorm(collapsed))
+        return self.ffn_hc.combine(hidden_states, self.residual_dropout(mlp_output), post, comb)
+
+
+class MHCPreTrainedModel(PreTrainedModel):
+    config: MHCConfig
+    config_class = MHCConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MHCDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules_strict = ["attn_hc", "ffn_hc", "hc_head"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": MHCDecoderLayer, "attentions": LlamaAttention}
+    # Mapping biases and gates take no weight decay (HC practice); hf_ext's trainers read this list.
+    _no_weight_decay_patterns = [r"_hc\.(base|scale)$", r"hc_head\.hc_(base|scale)$"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        config = self.config
+        phi_std = config.hc_phi_init_std or (config.hc_mult * config.hidden_size) ** -0.5
+        if isinstance(module, MHCHyperConnection):
+            init.normal_(module.fn, mean=0.0, std=phi_std)
+            init.copy_(module.base, module.initial_base(config.hc_pre_init, config.hc_res_diag_init))
+            init.constant_(module.scale, config.hc_alpha_init)
+        elif isinstance(module, MHCHyperHead):
+            init.normal_(module.hc_fn, mean=0.0, std=phi_std)
+            init.zeros_(module.hc_base)
+            init.constant_(module.hc_scale, config.hc_alpha_init)
+
+
+class MHCModel(MHCPreTrainedModel):
+    def __init__(self, config: MHCConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MHCDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.hc_head = MHCHyperHead(config) if config.hc_collapse == "learned" else None
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def expand_streams(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`[B, T, C] -> [B, T, n, C]`, the embedding copied into every stream."""
+        return inputs_embeds.unsqueeze(-2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+
+    def collapse_streams(self, streams: torch.Tensor) -> torch.Tensor:
+        """`[B, T, n, C] -> [B, T, C]` (before the final norm)."""
+        if self.hc_head is not None:
+            return self.hc_head(streams)
+        return streams.sum(dim=-2) if self.config.hc_collapse == "sum" else streams.mean(dim=-2)
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        layer_kwargs = dict(attention_mask=causal_mask, position_ids=position_ids, position_embeddings=position_embeddings)
+
+        streams = self.expand_streams(inputs_embeds)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            streams = decoder_layer(streams, past_key_values=past_key_values, use_cache=use_cache, **layer_kwargs, **kwargs)
+
+        hidden_states = self.norm(self.collapse_streams(streams))
+        if self.training and not torch.isfinite(hidden_states).all():
+            raise FloatingPointError(self.describe_non_finite(inputs_embeds, **layer_kwargs))
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    @torch.no_grad()
+    def describe_non_finite(self, inputs_embeds: torch.Tensor, **layer_kwargs) -> str:
+        """Re-runs the layers (no cache, no grad) to name the first sub-layer whose mixing matrices are not finite."""
+        culprits: list[str] = []
+
+        def check(module, args, outputs):
+            post, comb, _ = outputs
+            if not culprits and not (torch.isfinite(post).all() and torch.isfinite(comb).all()):
+                culprits.append(module.name)
+
+        hooks = [m.register_forward_hook(check) for m in self.modules() if isinstance(m, MHCHyperConnection)]
+        try:
+            streams = self.expand_streams(inputs_embeds)
+            for decoder_layer in self.layers:
+                streams = decoder_layer(streams, **layer_kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if culprits:
+            return (
+                f"mHC: non-finite values in the mixing matrices (H_post / H_res) of {culprits[0]}; check the learning "
+                "rate, the hc_* gates (`scale`) of that layer and the inputs"
+            )
+        return "mHC: non-finite hidden states, although every mixing matrix is finite (attention / MLP / embeddings)"
+
+
+class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: MHCConfig):
+        super().__init__(config)
+        self.model = MHCModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["MHCPreTrainedModel", "MHCModel", "MHCForCausalLM", "MHCHyperConnection", "MHCHyperHead", "sinkhorn"]
