@@ -82,7 +82,7 @@ def resolve_model(reference: str) -> ModelSource:
     return ModelSource(reference, "hub", reference)
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     return Path(os.environ.get("HF_EXT_CACHE", Path.home() / ".cache" / "hf_ext"))
 
 
@@ -92,7 +92,7 @@ def gguf_to_folder(gguf_path: str) -> Path:
     with open(gguf_path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
-    target = _cache_root() / "gguf" / f"{Path(gguf_path).stem}-{digest.hexdigest()[:16]}"
+    target = cache_root() / "gguf" / f"{Path(gguf_path).stem}-{digest.hexdigest()[:16]}"
     if (target / "model.safetensors").is_file():
         return target
 

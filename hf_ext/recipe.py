@@ -47,6 +47,11 @@ class ScriptArguments(TrlScriptArguments):
         default=None,
         metadata={"help": "Verifiable task to train and evaluate on (see `hf_ext.data.tasks.TASKS`)."},
     )
+    corpus: str | None = field(
+        default=None,
+        metadata={"help": "Built-in real text corpus for the pretrain stage (python_docs); see hf_ext.data.corpus."},
+    )
+    corpus_validation_fraction: float = field(default=0.05, metadata={"help": "Held-out documents of the corpus."})
     task_train_size: int = field(default=2000, metadata={"help": "Generated training examples of `task`."})
     task_eval_size: int = field(default=200, metadata={"help": "Generated held-out examples of `task`."})
     data_format: str = field(
@@ -274,10 +279,13 @@ def validate_paths(recipe: Recipe) -> None:
     if looks_local:
         if not Path(dataset).exists():
             raise UserInputError(f"{recipe.path}: key 'dataset_name': file {dataset} does not exist")
-    if recipe.script_args.dataset_name and recipe.script_args.task:
-        raise UserInputError(f"{recipe.path}: set either 'dataset_name' or 'task', not both")
-    if not recipe.script_args.dataset_name and not recipe.script_args.task:
+    sources = [key for key in ("dataset_name", "task", "corpus") if getattr(recipe.script_args, key)]
+    if len(sources) > 1:
+        raise UserInputError(f"{recipe.path}: set one of 'dataset_name', 'task' or 'corpus', not {' and '.join(sources)}")
+    if not sources:
         raise UserInputError(f"{recipe.path}: no training data: set 'task' (a verifiable task) or 'dataset_name'")
+    if recipe.script_args.corpus and recipe.stage != "pretrain":
+        raise UserInputError(f"{recipe.path}: key 'corpus' is raw text for the pretrain stage; stage {recipe.stage} takes 'task' or 'dataset_name'")
     if recipe.script_args.task:
         from hf_ext.data.tasks import TASKS
 
@@ -288,5 +296,5 @@ def validate_paths(recipe: Recipe) -> None:
             )
     if getattr(recipe.script_args, "datasets", None):
         raise UserInputError(f"{recipe.path}: key 'datasets' (TRL dataset mixtures) is not supported; use 'dataset_name'")
-    if recipe.model_args.model_name_or_path is None:
+    if recipe.model_args.model_name_or_path is None and not getattr(recipe.training_args, "model_type", None):
         raise UserInputError(f"{recipe.path}: missing key 'model_name_or_path'")

@@ -22,7 +22,7 @@ def loss_curve(log_history: list[dict]) -> dict[str, list]:
     }
 
 
-def plot_loss_curve(curve: dict[str, list], path: Path, title: str) -> None:
+def plot_loss_curve(curve: dict[str, list], path: Path, title: str, ylabel: str = "loss (response tokens)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +33,7 @@ def plot_loss_curve(curve: dict[str, list], path: Path, title: str) -> None:
     if curve["eval_step"]:
         axis.plot(curve["eval_step"], curve["eval_loss"], label="eval loss", marker="o")
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("loss (response tokens)")
+    axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend()

@@ -63,7 +63,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     stage = get_stage(recipe.stage)
     state = PartialState()
 
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    # A stage may build its own tokenizer and model (pretraining from scratch) and add final metrics and a card.
+    tokenizer = stage.load_tokenizer(recipe) if hasattr(stage, "load_tokenizer") else load_tokenizer(model_args.model_name_or_path)
     datasets = stage.build_datasets(script_args, training_args, tokenizer)
     task = TASKS[script_args.task] if script_args.task else None
     eval_rows = task.splits(script_args.task_train_size, script_args.task_eval_size, training_args.seed)["test"] if task else None
@@ -76,13 +77,16 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         recipe.write(output_dir / "recipe.yaml")
     state.wait_for_everyone()
 
-    if getattr(training_args, "backend", "transformers") == "unsloth":
+    if hasattr(stage, "load_model"):
+        model = stage.load_model(recipe, tokenizer)
+    elif getattr(training_args, "backend", "transformers") == "unsloth":
         from hf_ext.loading import load_unsloth_model
 
         model = load_unsloth_model(model_args, training_args.max_length or 2048)
     else:
         model = load_model(model_args, trust_remote_code=training_args.trust_remote_code, trainable_adapter=True)
-    metrics: dict = {"stage": recipe.stage, "recipe": str(recipe.path), "model": model_args.model_name_or_path}
+    model_name = model_args.model_name_or_path or getattr(training_args, "model_type", None) or "model"
+    metrics: dict = {"stage": recipe.stage, "recipe": str(recipe.path), "model": model_name}
 
     def accuracy(model_to_score, label: str) -> dict:
         return evaluate_task(
@@ -98,7 +102,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         model=model,
         args=training_args,
         train_dataset=datasets["train"],
-        eval_dataset=datasets.get("test") if training_args.eval_strategy != "no" else None,
+        eval_dataset=datasets.get("test") if training_args.eval_strategy != "no" or hasattr(stage, "final_metrics") else None,
         processing_class=tokenizer,
         peft_config=None if isinstance(model, PeftModel) else peft_config(model_args),  # an adapter keeps training
     )
@@ -112,6 +116,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             record_adapter_base(output_dir, hub_base_model(recipe) or model_args.model_name_or_path)
 
     checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters() if p.requires_grad)
+    if hasattr(stage, "final_metrics"):  # on every rank: evaluation is collective
+        metrics.update(stage.final_metrics(trainer))
     per_rank = trainer.accelerator.gather_for_metrics(
         [{"rank": state.process_index, "global_step": trainer.state.global_step, "trainable_checksum": checksum}],
         use_gather_object=True,
@@ -137,8 +143,10 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             torch_threads=torch.get_num_threads(),
         )
         if curve["step"]:
-            plot_loss_curve(curve, output_dir / LOSS_CURVE_FILE, f"{recipe.stage}: {model_args.model_name_or_path.split('/')[-1]}")
-        render_model_card(recipe, metrics, stage.CARD_DESCRIPTION).save(output_dir / "README.md")
+            plot_loss_curve(curve, output_dir / LOSS_CURVE_FILE, f"{recipe.stage}: {model_name.split('/')[-1]}",
+                            ylabel=getattr(stage, "LOSS_LABEL", "loss (response tokens)"))
+        card = stage.render_card(recipe, metrics) if hasattr(stage, "render_card") else render_model_card(recipe, metrics, stage.CARD_DESCRIPTION)
+        card.save(output_dir / "README.md")
         write_metrics(output_dir, metrics)
     state.wait_for_everyone()
     return metrics

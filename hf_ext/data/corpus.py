@@ -11,10 +11,11 @@ The one source, ``python_docs``, is the documentation every CPython install carr
 
 Documents are split whole, by a SHA-256 hash of their name (``topic:NAME`` or ``module:relative/path.py``), so
 validation text is held out from training and the split does not depend on the order or number of documents.
-The sizes therefore depend on the Python version; on CPython 3.11.7 with the default 5% validation:
+The sizes depend on the Python install; on CPython 3.11.7 with the default 5% validation (78 distinct topics and
+381 modules, built in about 3 seconds):
 
-    train:      1,179 documents, 6,706,542 characters
-    validation:    62 documents,   365,707 characters
+    train:      433 documents, 1,978,426 characters
+    validation:  26 documents,   115,484 characters
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from hf_ext.errors import UserInputError
 MIN_DOCUMENT_CHARS = 200
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages"})
 _DOCUMENTED_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_BLOCK_FIELDS = frozenset({"body", "orelse", "finalbody", "handlers", "cases"})
 
 
 def pydoc_topic_documents() -> list[tuple[str, str]]:
@@ -74,13 +76,16 @@ def _module_docstrings(path: Path) -> str | None:
         return None
     docstrings = []
 
+    # Only statement blocks can hold a class or function; skipping expressions makes this several times faster.
     def visit(node: ast.AST) -> None:
         if isinstance(node, _DOCUMENTED_NODES):
             docstring = ast.get_docstring(node, clean=True)
             if docstring and docstring.strip():
                 docstrings.append(docstring.strip())
-        for child in ast.iter_child_nodes(node):
-            visit(child)
+        for field in node._fields:
+            if field in _BLOCK_FIELDS:
+                for child in getattr(node, field):
+                    visit(child)
 
     visit(tree)
     return "\n\n".join(docstrings)

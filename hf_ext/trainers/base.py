@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -33,7 +34,15 @@ class StageTrainerMixin:
 
     (Weights are safetensors; optimizer, scheduler and RNG states are tensors that transformers reads back with
     `torch.load(weights_only=True)`, which cannot execute code.)
+
+    Parameters matching the model's `_no_weight_decay_patterns` (e.g. mHC's mapping biases and gates) take no
+    weight decay, on top of transformers' biases and norms.
     """
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        names = super().get_decay_parameter_names(model)
+        patterns = [re.compile(p) for p in getattr(model, "_no_weight_decay_patterns", None) or []]
+        return [name for name in names if not any(p.search(name) for p in patterns)]
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)

@@ -1,0 +1,274 @@
+"""Causal-LM pretraining on raw text packed into fixed-length blocks (`trl.SFTTrainer` subclass).
+
+A recipe either builds a model from scratch (`model_type` + `config_overrides`, like transformers' `run_clm.py`) or
+continues pretraining `model_name_or_path`. Text comes from a built-in real corpus (`corpus: python_docs`) or from
+`dataset_name` (a `text` column). Documents are tokenized, joined with EOS and cut into blocks of `max_length`
+tokens (TRL's `wrapped` packing); the loss covers every token. Validation perplexity is `exp(eval_loss)`: the mean
+next-token negative log-likelihood over every predicted token of the packed validation blocks.
+
+Without a tokenizer (`tokenizer_name_or_path` unset and no `model_name_or_path`), a SentencePiece tokenizer is trained
+on the corpus' training split once and cached, so every recipe on the same corpus and vocabulary size shares it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trl
+from datasets import DatasetDict
+
+from hf_ext.errors import UserInputError
+from hf_ext.trainers.base import StageConfigMixin, StageTrainerMixin
+
+LOSS_LABEL = "loss (every token, nats)"
+CARD_DESCRIPTION = (
+    "Causal language-model pretraining from scratch (a `trl.SFTTrainer` subclass): documents joined with EOS and "
+    "packed into fixed-length blocks, loss on every token."
+)
+
+
+@dataclass
+class Config(StageConfigMixin, trl.SFTConfig):
+    """`trl.SFTConfig` set up for language modelling, plus how to build the model and where the text comes from."""
+
+    _VALID_DICT_FIELDS = trl.SFTConfig._VALID_DICT_FIELDS + ["config_overrides"]
+
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "Architecture to build from scratch (an AutoConfig model_type: mhc_lm, llama, ...)."},
+    )
+    config_overrides: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Architecture fields for `model_type` (hidden_size, num_hidden_layers, hc_mult, ...)."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder or Hub id; unset: the model's, or one trained on the corpus."},
+    )
+    tokenizer_vocab_size: int = field(
+        default=8192, metadata={"help": "Vocabulary of the SentencePiece tokenizer trained on the corpus."}
+    )
+
+    def __post_init__(self):
+        self.packing = True
+        self.packing_strategy = "wrapped"
+        self.completion_only_loss = False
+        if self.max_length is None or self.max_length < 2:
+            raise UserInputError(f"max_length: the block length must be >= 2 tokens, got {self.max_length}")
+        super().__post_init__()
+
+
+class Trainer(StageTrainerMixin, trl.SFTTrainer):
+    _tag_names = ["trl", "pretrain", "hf_ext"]
+    _name = "Pretrain"
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # Gradient checkpointing turns the KV cache off in the config; a saved model generates with it.
+        self.accelerator.unwrap_model(self.model).config.use_cache = True
+        super()._save(output_dir, state_dict)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Adds perplexity and, for hyper-connection models, the mHC health numbers of one validation batch."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        extra = {}
+        if f"{metric_key_prefix}_loss" in metrics:
+            extra[f"{metric_key_prefix}_perplexity"] = math.exp(min(metrics[f"{metric_key_prefix}_loss"], 50.0))
+        extra.update(self.hyper_connection_metrics(eval_dataset, metric_key_prefix))
+        if extra:
+            self.log(extra)
+            metrics.update(extra)
+        return metrics
+
+    def hyper_connection_metrics(self, eval_dataset, prefix: str) -> dict:
+        from hf_ext.eval.hyper_connections import has_hyper_connections, hyper_connection_stats
+
+        model = self.accelerator.unwrap_model(self.model)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not has_hyper_connections(model) or dataset is None or len(dataset) == 0:
+            return {}
+        batch = self.data_collator([dataset[i] for i in range(min(len(dataset), self.args.per_device_eval_batch_size))])
+        stats = hyper_connection_stats(model, batch["input_ids"].to(model.device))
+        return {
+            f"{prefix}_hc_min_stream_spread": min(stats["stream_spread"]),
+            f"{prefix}_hc_max_column_error": max(stats["column_error"]),
+            f"{prefix}_hc_amax_gain_forward": stats["amax_gain_forward"],
+            f"{prefix}_hc_amax_gain_backward": stats["amax_gain_backward"],
+        }
+
+
+def _text_splits(script_args, training_args) -> tuple[DatasetDict, str]:
+    if script_args.dataset_name:
+        from hf_ext.data.sources import load_splits
+
+        splits = load_splits(script_args, seed=training_args.seed)
+        source = str(script_args.dataset_name)
+    elif script_args.corpus:
+        from hf_ext.data.corpus import load_text_corpus
+
+        try:
+            corpus = load_text_corpus(script_args.corpus, validation_fraction=script_args.corpus_validation_fraction)
+        except ValueError as error:
+            raise UserInputError(f"corpus: {error}") from None
+        splits = DatasetDict({"train": corpus["train"], "test": corpus["validation"]})
+        source = f"corpus {script_args.corpus}"
+    else:
+        raise UserInputError("pretrain: set `corpus` (e.g. python_docs) or `dataset_name` (a dataset with a text column)")
+    return splits, source
+
+
+def build_datasets(script_args, training_args, tokenizer) -> DatasetDict:
+    """`train` and `test` with one `text` column of non-empty documents; TRL tokenizes and packs them."""
+    splits, source = _text_splits(script_args, training_args)
+    column = training_args.dataset_text_field
+    checked = {}
+    for split, rows in splits.items():
+        if column not in rows.column_names:
+            raise UserInputError(f"{source} [{split}]: no {column!r} column (has: {', '.join(rows.column_names)})")
+        for index, text in enumerate(rows[column]):
+            if not isinstance(text, str) or not text.strip():
+                raise UserInputError(f"{source} [{split}] row {index}: {column!r} must be non-empty text, got {text!r:.60}")
+        checked[split] = rows.select_columns([column])
+    if len(checked["train"]) == 0:
+        raise UserInputError(f"{source}: the training split is empty")
+    return DatasetDict(checked)
+
+
+def load_tokenizer(recipe):
+    """The tokenizer named by the recipe, the model's own, or a SentencePiece tokenizer trained on the corpus."""
+    from hf_ext.loading import load_tokenizer as load_named_tokenizer
+
+    args, model_args, corpus = recipe.training_args, recipe.model_args, recipe.script_args.corpus
+    if args.tokenizer_name_or_path:
+        return load_named_tokenizer(args.tokenizer_name_or_path)
+    if model_args.model_name_or_path:
+        return load_named_tokenizer(model_args.model_name_or_path)
+    if not corpus:
+        raise UserInputError("pretrain: set tokenizer_name_or_path, or a corpus to train a tokenizer on")
+    splits, _ = _text_splits(recipe.script_args, args)
+    return corpus_tokenizer(splits["train"]["text"], args.tokenizer_vocab_size, name=corpus)
+
+
+def corpus_tokenizer(texts: list[str], vocab_size: int, name: str):
+    """A SentencePiece tokenizer trained on `texts` (the training split only), cached by content and settings."""
+    import sentencepiece
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    from hf_ext.data.tokenizer import train_sentencepiece_tokenizer
+    from hf_ext.loading import cache_root
+
+    digest = hashlib.sha256(f"{vocab_size}|{sentencepiece.__version__}".encode())
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    folder = cache_root() / "tokenizers" / f"{name}-sp{vocab_size}-{digest.hexdigest()[:12]}"
+    with PartialState().main_process_first():
+        if not (folder / "tokenizer_config.json").is_file():
+            staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            train_sentencepiece_tokenizer(texts, vocab_size=vocab_size, output_dir=staging)
+            staging.rename(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_model(recipe, tokenizer):
+    """A new model of `model_type` (vocabulary and special tokens from the tokenizer), or `model_name_or_path`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    from hf_ext.loading import load_model as load_named_model
+
+    args, model_args = recipe.training_args, recipe.model_args
+    if not args.model_type:
+        if not model_args.model_name_or_path:
+            raise UserInputError("pretrain: set model_type (+ config_overrides) to train from scratch, or model_name_or_path")
+        return load_named_model(model_args, trust_remote_code=args.trust_remote_code, trainable_adapter=True)
+    if model_args.model_name_or_path:
+        raise UserInputError("pretrain: set either model_type (a new model) or model_name_or_path (continue), not both")
+    fields = dict(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=args.max_length,
+    )
+    fields.update(args.config_overrides or {})
+    try:
+        config = AutoConfig.for_model(args.model_type, **fields)
+    except (ValueError, KeyError, TypeError) as error:
+        message = re.sub(r"\s+", " ", str(error)).strip()
+        raise UserInputError(f"model_type {args.model_type} / config_overrides: {message[:300]}") from None
+    set_seed(args.seed)  # the initial weights depend on the recipe's seed only
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
+    return model
+
+
+def describe_model(model) -> dict:
+    return {
+        "model_type": model.config.model_type,
+        "parameters": model.num_parameters(),
+        "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
+    }
+
+
+def final_metrics(trainer) -> dict:
+    """Validation loss and perplexity of the final model, its size and the tokens it was trained on."""
+    metrics: dict = {"model": describe_model(trainer.accelerator.unwrap_model(trainer.model))}
+    args = trainer.args
+    metrics["tokens_seen"] = (
+        trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * args.world_size * args.max_length
+    )
+    if trainer.eval_dataset is not None:
+        evaluation = trainer.evaluate()
+        metrics["validation"] = {
+            k.removeprefix("eval_"): v for k, v in evaluation.items() if k not in ("epoch", "eval_num_tokens")
+        }
+        metrics["validation"]["blocks"] = len(trainer.eval_dataset)
+    return metrics
+
+
+def render_card(recipe, metrics: dict):
+    """The architecture's card (`model_cards/<model_type>.md`, else `pretrained_lm.md`) with this run's numbers."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from hf_ext.resources import shipped_path
+
+    args = recipe.training_args
+    model = metrics["model"]
+    template = shipped_path("model_cards", f"{model['model_type']}.md")
+    if not template.is_file():
+        template = shipped_path("model_cards", "pretrained_lm.md")
+    validation = metrics.get("validation", {})
+    card_data = ModelCardData(
+        model_name=Path(args.output_dir).name,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license="apache-2.0",
+        tags=["hf_ext", "pretrain", "trl", model["model_type"]],
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        model_name=Path(args.output_dir).name,
+        model_type=model["model_type"],
+        parameters=f"{model['parameters'] / 1e6:.2f}M",
+        parameters_without_embeddings=f"{model['parameters_without_embeddings'] / 1e6:.2f}M",
+        config=args.config_overrides or {},
+        stage_description=CARD_DESCRIPTION,
+        data_description=(
+            f"`{recipe.script_args.corpus}` (hf_ext built-in corpus)" if recipe.script_args.corpus
+            else f"`{recipe.script_args.dataset_name}`"
+        ),
+        block_length=args.max_length,
+        global_step=metrics.get("global_step"),
+        tokens_seen=f"{metrics.get('tokens_seen', 0) / 1e6:.2f}M",
+        validation_loss=f"{validation['loss']:.4f}" if "loss" in validation else "n/a",
+        validation_perplexity=f"{validation['perplexity']:.2f}" if "perplexity" in validation else "n/a",
+        validation=validation,
+        seed=args.seed,
+    )
