@@ -9,7 +9,12 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from hf_ext.data.corpus import is_validation_document, load_text_corpus, python_docs_documents
+from hf_ext.data.corpus import (
+    is_validation_document,
+    load_text_corpus,
+    python_docs_documents,
+    stdlib_docstring_documents,
+)
 from hf_ext.data.tokenizer import (
     SENTENCEPIECE_FILE,
     train_corpus_tokenizer,
@@ -18,7 +23,7 @@ from hf_ext.data.tokenizer import (
 
 VOCAB_SIZE = 512
 # Characters no python_docs document contains, so they go through byte fallback.
-UNSEEN_TEXT = "tab\tcr\r\nemoji 🤗 CJK 漢字 café\n\n    indented  double  space, literal <s> </s> <0x41>, trailing  "
+UNSEEN_TEXT = "tab\tcr\r\nemoji 🤗 CJK 漢字 café\n\n    indented  double  space, literal <0x41>, end  "
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +62,10 @@ def test_splits_are_disjoint_by_document_and_deterministic(corpus):
     assert 0.02 < len(validation) / (len(train) + len(validation)) < 0.10
     again = load_text_corpus("python_docs")
     assert list(again["train"]["text"]) == train and list(again["validation"]["text"]) == validation
+    # The documents are parsed once per process; a fresh parse of the standard library gives the same ones.
+    modules = [(name, text) for name, text in python_docs_documents() if name.startswith("module:")]
+    names = {name for name, _ in modules}  # a module whose text repeats an earlier document's is left out
+    assert [(name, text) for name, text in stdlib_docstring_documents() if name in names] == modules
 
 
 def test_validation_is_chosen_by_document_name():
@@ -106,7 +115,7 @@ def test_in_memory_and_reloaded_tokenizers_agree(corpus, tokenizer_dir, tokenize
         assert trained(text)["input_ids"] == tokenizer(text)["input_ids"]
     # Training twice gives the same model, byte for byte.
     assert (tmp_path / SENTENCEPIECE_FILE).read_bytes() == (tokenizer_dir / SENTENCEPIECE_FILE).read_bytes()
-    assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    assert (tmp_path / "tokenizer.json").read_text() == (tokenizer_dir / "tokenizer.json").read_text()
 
 
 def test_special_tokens_and_newline(tokenizer):
@@ -118,16 +127,18 @@ def test_special_tokens_and_newline(tokenizer):
     ids = tokenizer("first line\nsecond line")["input_ids"]
     assert 4 in ids and tokenizer.convert_ids_to_tokens(4) == "\n"
     assert ids[0] != tokenizer.bos_token_id and ids[-1] != tokenizer.eos_token_id  # the collator adds EOS
-    # Special token strings in raw text stay text.
-    assert not {0, 1, 2, 3} & set(tokenizer("a </s> b <s> c <pad>")["input_ids"])
+    # As in every transformers tokenizer, special-token strings are special tokens (TRL appends "</s>" to each
+    # document when packing) unless the caller asks to split them.
+    assert tokenizer("a document</s>")["input_ids"][-1] == tokenizer.eos_token_id
+    assert not {0, 1, 2, 3} & set(tokenizer("a </s> b <s> c <pad>", split_special_tokens=True)["input_ids"])
 
 
 def test_unigram_model_matches_sentencepiece(corpus, validation_texts, tmp_path):
     tokenizer = train_sentencepiece_tokenizer(corpus["train"]["text"][:100], VOCAB_SIZE, tmp_path, model_type="unigram")
-    sentencepiece = spm.SentencePieceProcessor(model_file=str(tmp_path / SENTENCEPIECE_FILE))
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / SENTENCEPIECE_FILE))
     for text in validation_texts[:8] + [UNSEEN_TEXT]:
         ids = tokenizer(text)["input_ids"]
-        assert ids == sentencepiece.encode(text)
+        assert ids == processor.encode(text)
         assert tokenizer.decode(ids) == text
 
 
@@ -150,7 +161,7 @@ def test_corpus_tokenizer_trains_on_the_train_split(tmp_path, validation_texts):
         (["text"], 100, "bpe", "vocab_size must be an integer above 261"),
         (["text"], VOCAB_SIZE, "wordpiece", "model_type must be one of bpe, unigram"),
         (["tiny text"] * 3, VOCAB_SIZE, "bpe", "Vocabulary size too high"),
-        ([chr(code) * 3 for code in range(0x4E00, 0x4F00)], 300, "bpe", "Vocabulary size is smaller than required_chars"),
+        ([chr(code) * 3 for code in range(0x4E00, 0x4F00)], 300, "bpe", "smaller than required_chars"),
     ],
 )
 def test_bad_tokenizer_input_is_a_clear_error(texts, vocab_size, model_type, message, tmp_path):
