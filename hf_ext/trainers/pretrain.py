@@ -62,6 +62,8 @@ class Config(StageConfigMixin, trl.SFTConfig):
         if self.max_length is None or self.max_length < 2:
             raise UserInputError(f"max_length: the block length must be >= 2 tokens, got {self.max_length}")
         super().__post_init__()
+        if self.model_type:  # a bad architecture field fails here, before any data or output folder
+            build_config(self.model_type, self.config_overrides)
 
 
 class Trainer(StageTrainerMixin, trl.SFTTrainer):
@@ -176,9 +178,32 @@ def corpus_tokenizer(texts: list[str], vocab_size: int, name: str):
     return AutoTokenizer.from_pretrained(folder)
 
 
+def build_config(model_type: str, overrides: dict | None, **fields):
+    """`AutoConfig.for_model(model_type, **fields, **overrides)`, with a one-line error naming the bad field.
+
+    Unknown fields are errors (a config would silently keep them as attributes that nothing reads)."""
+    import dataclasses
+    import difflib
+
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(model_type, **{**fields, **(overrides or {})})
+    except (ValueError, KeyError, TypeError) as error:
+        message = re.sub(r"\s+", " ", str(error)).strip()
+        raise UserInputError(f"model_type {model_type} / config_overrides: {message[:300]}") from None
+    known = {f.name for f in dataclasses.fields(type(config))}
+    for key in overrides or {}:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserInputError(f"config_overrides: {model_type} has no field {key!r}{hint}")
+    return config
+
+
 def load_model(recipe, tokenizer):
     """A new model of `model_type` (vocabulary and special tokens from the tokenizer), or `model_name_or_path`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+    from transformers import AutoModelForCausalLM, set_seed
 
     from hf_ext.loading import load_model as load_named_model
 
@@ -196,12 +221,7 @@ def load_model(recipe, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         max_position_embeddings=args.max_length,
     )
-    fields.update(args.config_overrides or {})
-    try:
-        config = AutoConfig.for_model(args.model_type, **fields)
-    except (ValueError, KeyError, TypeError) as error:
-        message = re.sub(r"\s+", " ", str(error)).strip()
-        raise UserInputError(f"model_type {args.model_type} / config_overrides: {message[:300]}") from None
+    config = build_config(args.model_type, args.config_overrides, **fields)
     set_seed(args.seed)  # the initial weights depend on the recipe's seed only
     model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
     return model

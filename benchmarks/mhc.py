@@ -1,0 +1,307 @@
+"""mHC cost: hf_ext's mHC LM (4 residual streams) vs transformers' `LlamaForCausalLM` of the same shape.
+
+Both models are built from one dict of shared Llama fields (`MHCConfig` subclasses `LlamaConfig`), CPU, fp32,
+`attn_implementation="sdpa"`, the same seed before each build. The default shape is recipes/pretrain_mhc.yaml's
+(vocab 8192, hidden 384, intermediate 1024, 6 layers, 6 heads, 2 KV heads, tied embeddings, sequence 256,
+batch 16; mHC with hc_mult 4, 20 Sinkhorn iterations, learned collapse). The two models alternate in one process,
+the first one of each repeat alternating too, a freshly built model each time; we report medians:
+
+1. training step: forward + backward + `torch.optim.AdamW` step (the recipe's lr, betas and weight decay, no
+   gradient clipping) on one fixed random batch; seconds per step are the median over the steps of a run (the first
+   step is warm-up and excluded), then the median over the repeats. One untimed 2-step run per model warms up the
+   process first.
+2. decode with KV cache: greedy `model.generate` (batch 1, 32-token random prompt, exactly `--decode_tokens` new
+   tokens via `min_new_tokens`). Tokens/s = `(N - 1) / (t(N tokens) - t(1 token))`, each t the median of 3 calls:
+   the 1-token call is the prefill plus the first token, so the difference is N - 1 cached decode steps, with
+   generate's own per-token work (logits processors, stopping criteria) included for both models.
+3. peak RSS: a high-water mark needs a process of its own, so each model runs in a child process (this script with
+   `--rss_child MODEL`) that builds it and trains `--steps` steps; 2 children per model, alternating. Parameter
+   counts of both models too.
+
+`--widths 384,768` repeats the training-step comparison at other hidden sizes (head_dim 64, 3 query heads per KV
+head, intermediate 8/3 x hidden) to show how the overhead (memory traffic on the n x C stream tensors) shrinks
+relative to the C^2 matmuls as C grows. Writes `benchmarks/results/mhc.json` and prints the Markdown table for
+`benchmarks/README.md`.
+
+    python benchmarks/mhc.py [--repeats 3] [--steps 6] [--decode_tokens 128] [--widths 384,768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+RESULTS = Path(__file__).parent / "results" / "mhc.json"
+MODELS = ("mhc", "llama")
+HEAD_DIM = 64
+QUERY_HEADS_PER_KV_HEAD = 3  # 6 heads / 2 KV heads in the recipe
+MLP_RATIO = 8 / 3  # 1024 / 384 in the recipe
+PROMPT_TOKENS = 32
+TRAIN_STEP_GOAL = 1.15  # mHC / Llama seconds per step, at most
+DECODE_GOAL = 0.9  # mHC / Llama tokens per second, at least
+# The recipe's hyper-connection settings (recipes/pretrain_mhc.yaml) and optimizer (learning rate, beta2, decay).
+MHC_FIELDS = dict(hc_mult=4, hc_sinkhorn_iters=20, hc_alpha_init=0.01, hc_collapse="learned")
+ADAMW = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def shared_fields(hidden_size: int, layers: int, vocab_size: int, max_positions: int) -> dict:
+    """The Llama fields both models get: the recipe's shape at hidden 384, scaled with head_dim 64 at other widths."""
+    heads = max(1, hidden_size // HEAD_DIM)
+    kv_heads = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // QUERY_HEADS_PER_KV_HEAD))
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=max(HEAD_DIM, HEAD_DIM * round(hidden_size * MLP_RATIO / HEAD_DIM)),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=True,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def build_model(kind: str, fields: dict, seed: int):
+    """A freshly initialised fp32 model on CPU with SDPA attention, in train mode; `torch.manual_seed(seed)` first."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_ext  # noqa: F401  (registers mhc_lm)
+    from hf_ext.models.mhc import MHCConfig, MHCForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "mhc":
+        model = MHCForCausalLM(MHCConfig(**fields, **MHC_FIELDS, attn_implementation="sdpa"))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa"))
+    return model.to(torch.float32).train()
+
+
+def random_tokens(shape: tuple[int, ...], vocab_size: int, seed: int):
+    """Token ids in [3, vocab) (0-2 are pad/bos/eos), the same for both models."""
+    import torch
+
+    return torch.randint(3, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def train_step_times(model, input_ids, steps: int) -> list[float]:
+    """Wall seconds of each of `steps` forward + backward + AdamW steps on one fixed batch (labels = inputs)."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def decode_tokens_per_second(model, prompt, new_tokens: int) -> float:
+    """Cached greedy decode speed: `(N - 1) / (t(generate N) - t(generate 1))`, which removes the prefill (each t the
+    median of 3 calls)."""
+    import torch
+
+    def timed_generate(n: int) -> float:
+        start = time.perf_counter()
+        output = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            use_cache=True, pad_token_id=model.config.pad_token_id,
+        )
+        elapsed = time.perf_counter() - start
+        if output.shape[1] != prompt.shape[1] + n:
+            raise RuntimeError(f"generate returned {output.shape[1] - prompt.shape[1]} new tokens, expected {n}")
+        return elapsed
+
+    model.eval()
+    timed_generate(2)  # warm-up
+    # Medians of 3 alternating calls each, so one slow 1-token call cannot swamp the difference.
+    one, full = zip(*((timed_generate(1), timed_generate(new_tokens)) for _ in range(3)))
+    return (new_tokens - 1) / (statistics.median(full) - statistics.median(one))
+
+
+def interleaved(repeats: int, measure) -> dict[str, list[float]]:
+    """`measure(kind)` for both models, `repeats` times, alternating which goes first."""
+    results: dict[str, list[float]] = {kind: [] for kind in MODELS}
+    for repeat in range(repeats):
+        for kind in MODELS if repeat % 2 == 0 else MODELS[::-1]:
+            results[kind].append(measure(kind))
+            gc.collect()
+            print(f"repeat {repeat} {kind}: {results[kind][-1]:.4g}", file=sys.stderr)
+    return results
+
+
+def training_comparison(fields: dict, args) -> dict[str, list[float]]:
+    """Median seconds per training step (first step excluded) of each run, per model."""
+    input_ids = random_tokens((args.batch_size, args.seq_len), fields["vocab_size"], args.seed)
+    for kind in MODELS:  # untimed warm-up of the process (allocator, kernels) so the first timed run is not penalised
+        train_step_times(build_model(kind, fields, args.seed), input_ids, 2)
+
+    def measure(kind: str) -> float:
+        model = build_model(kind, fields, args.seed)
+        return statistics.median(train_step_times(model, input_ids, args.steps)[1:])
+
+    return interleaved(args.repeats, measure)
+
+
+def decode_comparison(fields: dict, args) -> dict[str, list[float]]:
+    """Cached greedy decode tokens/s of each run, per model (a freshly built model each run)."""
+    prompt = random_tokens((1, PROMPT_TOKENS), fields["vocab_size"], args.seed + 1)
+
+    def measure(kind: str) -> float:
+        return decode_tokens_per_second(build_model(kind, fields, args.seed), prompt, args.decode_tokens)
+
+    return interleaved(args.repeats, measure)
+
+
+def child_args(args) -> list[str]:
+    """The shape/step flags a `--rss_child` process needs to build and train the same model."""
+    return ["--steps", str(args.steps), "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
+            "--hidden_size", str(args.hidden_size), "--layers", str(args.layers), "--vocab_size",
+            str(args.vocab_size), "--decode_tokens", str(args.decode_tokens), "--seed", str(args.seed)]
+
+
+def child_peak_rss(args, rounds: int = 2) -> dict[str, list[dict[str, float]]]:
+    """`{"peak_rss_mb", "import_rss_mb"}` of `--rss_child MODEL` child processes, alternating models, `rounds` each.
+
+    Like `child_peak_rss` in sft_overhead.py, which forwards only `--batch_size` (and fixes 3 steps), while these
+    children need the whole shape."""
+    rss: dict[str, list[dict[str, float]]] = {kind: [] for kind in MODELS}
+    for _ in range(rounds):
+        for kind in MODELS:
+            child = subprocess.run([sys.executable, __file__, "--rss_child", kind, *child_args(args)],
+                                   capture_output=True, text=True, check=True)
+            rss[kind].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    return rss
+
+
+def rss_child(kind: str, fields: dict, args) -> None:
+    """Builds `kind`, trains `--steps` steps, prints the peak RSS (and the RSS before the model was built) as JSON."""
+    import torch  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    from hf_ext.models.mhc import MHCForCausalLM  # noqa: F401
+
+    import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model = build_model(kind, fields, args.seed)
+    train_step_times(model, random_tokens((args.batch_size, args.seq_len), fields["vocab_size"], args.seed), args.steps)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "import_rss_mb": import_rss}))
+
+
+def summary(values: dict[str, list[float]]) -> dict[str, float]:
+    return {kind: statistics.median(v) for kind, v in values.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="training steps per run (the first is warm-up)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--hidden_size", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--decode_tokens", type=int, default=128, help="new tokens per timed generate (>= 2)")
+    parser.add_argument("--widths", type=str, default=None, help="comma-separated hidden sizes for the training-step "
+                        "ratio, e.g. 384,768")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--rss_child", choices=MODELS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < 2 or args.decode_tokens < 2:
+        parser.error("--steps and --decode_tokens must be >= 2 (the first step / token is excluded)")
+    widths = [int(w) for w in args.widths.split(",")] if args.widths else []
+    max_positions = max(args.seq_len, PROMPT_TOKENS + args.decode_tokens)
+    fields = shared_fields(args.hidden_size, args.layers, args.vocab_size, max_positions)
+    if args.rss_child:
+        return rss_child(args.rss_child, fields, args)
+
+    import torch
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+    train = training_comparison(fields, args)
+    decode = decode_comparison(fields, args)
+    rss = child_peak_rss(args)
+    parameters = {kind: build_model(kind, fields, args.seed).num_parameters() for kind in MODELS}
+    by_width: dict[str, dict] = {}
+    for width in widths:
+        width_fields = shared_fields(width, args.layers, args.vocab_size, max_positions)
+        times = train if width_fields == fields else training_comparison(width_fields, args)
+        median = summary(times)
+        by_width[str(width)] = {"config": width_fields, "seconds_per_step": times, "median_seconds_per_step": median,
+                                "ratio_mhc_over_llama": median["mhc"] / median["llama"]}
+
+    train_median, decode_median = summary(train), summary(decode)
+    peak = summary({kind: [r["peak_rss_mb"] for r in runs] for kind, runs in rss.items()})
+    train_ratio = train_median["mhc"] / train_median["llama"]
+    decode_ratio = decode_median["mhc"] / decode_median["llama"]
+    result = {
+        "benchmark": "mhc",
+        "command": f"python benchmarks/mhc.py {' '.join(sys.argv[1:])}".strip(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "config": {"shared": fields, "mhc": MHC_FIELDS, "dtype": "float32", "attn_implementation": "sdpa",
+                   "batch_size": args.batch_size, "seq_len": args.seq_len, "optimizer": "AdamW", **ADAMW,
+                   "steps_per_run": args.steps, "repeats": args.repeats, "prompt_tokens": PROMPT_TOKENS,
+                   "decode_tokens": args.decode_tokens, "seed": args.seed},
+        "decode_timing": ("(N - 1) / (t(generate N new tokens) - t(generate 1 new token)), each t the median of "
+                          "3 calls; greedy, batch 1, KV cache, prefill excluded"),
+        "parameters": parameters,
+        "train_seconds_per_step": train,
+        "median_train_seconds_per_step": train_median,
+        "train_ratio_mhc_over_llama": train_ratio,
+        "decode_tokens_per_second": decode,
+        "median_decode_tokens_per_second": decode_median,
+        "decode_ratio_mhc_over_llama": decode_ratio,
+        "peak_rss_mb": rss,
+        "median_peak_rss_mb": peak,
+        "rss_ratio_mhc_over_llama": peak["mhc"] / peak["llama"],
+        "goals": {
+            "train_ratio_at_most": TRAIN_STEP_GOAL, "train_met": train_ratio <= TRAIN_STEP_GOAL,
+            "decode_ratio_at_least": DECODE_GOAL, "decode_met": decode_ratio >= DECODE_GOAL,
+        },
+    }
+    if by_width:
+        result["train_by_width"] = by_width
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+
+    rounds = len(rss["mhc"])
+    print("| measure | mHC (n=4) | Llama | ratio |\n|---|---|---|---|")
+    print(f"| training step, batch {args.batch_size} x {args.seq_len} (s, median of {args.repeats}) | "
+          f"{train_median['mhc']:.3f} | {train_median['llama']:.3f} | {train_ratio:.3f}x |")
+    for width, row in by_width.items():
+        if int(width) != args.hidden_size:
+            median = row["median_seconds_per_step"]
+            print(f"| training step, hidden {width} (s, median of {args.repeats}) | {median['mhc']:.3f} | "
+                  f"{median['llama']:.3f} | {row['ratio_mhc_over_llama']:.3f}x |")
+    print(f"| decode, batch 1, {args.decode_tokens} tokens (tokens/s, median of {args.repeats}) | "
+          f"{decode_median['mhc']:.1f} | {decode_median['llama']:.1f} | {decode_ratio:.3f}x |")
+    print(f"| peak RSS, {args.steps} steps (MB, median of {rounds}) | {peak['mhc']:.0f} | {peak['llama']:.0f} | "
+          f"{result['rss_ratio_mhc_over_llama']:.2f}x |")
+    print(f"| parameters | {parameters['mhc']:,} | {parameters['llama']:,} | "
+          f"{parameters['mhc'] / parameters['llama']:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The pretrain stage: recipes/pretrain_mhc.yaml and pretrain_llama.yaml at a tiny size, end to end.
+
+One real run (`hf-ext train` on the mHC recipe, tokenizer trained on the real corpus) is shared by the tests that
+read its artifacts; SFT + QLoRA then runs unchanged on the checkpoint it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import REPO, cli_env, run_cli
+
+TINY_MHC = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "tie_word_embeddings": True, "hc_mult": 4}
+TINY_RUN = ["--max_steps", "4", "--tokenizer_vocab_size", "512", "--max_length", "64",
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
+            "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1"]
+
+
+def tiny_overrides(output_dir, config=TINY_MHC) -> list[str]:
+    return ["--output_dir", str(output_dir), "--config_overrides", json.dumps(config), *TINY_RUN]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf_ext_cache")
+
+
+def run_train(recipe: str, *overrides: str, cache_dir) -> "subprocess.CompletedProcess":  # noqa: F821
+    import subprocess
+
+    env = dict(cli_env(), HF_EXT_CACHE=str(cache_dir))
+    return subprocess.run(["hf-ext", "train", recipe, *overrides], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cache_dir):
+    output_dir = tmp_path_factory.mktemp("pretrain") / "mhc"
+    result = run_train("recipes/pretrain_mhc.yaml", *tiny_overrides(output_dir), cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_run_writes_a_loadable_mhc_model_with_validation_perplexity(pretrained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_ext  # noqa: F401  (registers mhc_lm; without it both loads need trust_remote_code=True)
+
+    metrics = json.loads((pretrained / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["tokens_seen"] == 4 * 4 * 64
+    validation = metrics["validation"]
+    assert validation["perplexity"] == pytest.approx(math.exp(validation["loss"]))
+    assert validation["loss"] < math.log(512) + 0.1  # about uniform over the vocabulary after 4 tiny steps
+    assert 0 < validation["hc_min_stream_spread"] and validation["hc_max_column_error"] < 5e-3
+    assert validation["hc_amax_gain_forward"] == pytest.approx(1.0, abs=1e-2)
+    assert metrics["model"]["model_type"] == "mhc_lm" and metrics["model"]["parameters"] > 0
+    assert (pretrained / "loss_curve.png").stat().st_size > 0
+    card = (pretrained / "README.md").read_text()
+    assert "mHC language model" in card and f"{validation['perplexity']:.2f}" in card and "mhc_lm" in card
+    assert {"configuration_mhc.py", "modeling_mhc.py", "model.safetensors", "tokenizer.json"} <= {p.name for p in pretrained.iterdir()}
+    assert not list(pretrained.rglob("*.bin"))
+    assert json.loads((pretrained / "config.json").read_text())["use_cache"] is True
+
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    model = AutoModelForCausalLM.from_pretrained(pretrained).eval()
+    assert type(model).__name__ == "MHCForCausalLM" and len(tokenizer) == model.config.vocab_size == 512
+    prompt = tokenizer("def read(path):\n", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 8
+
+
+def test_resume_continues_the_same_run(pretrained, cache_dir):
+    result = run_train("recipes/pretrain_mhc.yaml", *tiny_overrides(pretrained), "--max_steps", "6",
+                       "--resume_from_checkpoint", "true", cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((pretrained / "metrics.json").read_text())
+    assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == 6
+    assert metrics["loss_curve"]["step"][0] == 5  # steps 1-4 came from the checkpoint
+
+
+def test_sft_and_qlora_recipe_run_unchanged_on_the_mhc_checkpoint(pretrained, tmp_path, cache_dir):
+    # The foundation issue's recipe; only the model (and its plain-text data format: no chat template) change.
+    result = run_train(
+        "recipes/sft.yaml", "--model_name_or_path", str(pretrained), "--base_model_id", "hf-ext/tiny-mhc",
+        "--data_format", "instruction", "--output_dir", str(tmp_path / "sft"), "--max_steps", "2",
+        "--task_train_size", "32", "--task_eval_size", "8", "--per_device_train_batch_size", "4",
+        "--eval_batch_size", "8", "--save_steps", "2", cache_dir=cache_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = json.loads((tmp_path / "sft" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    metrics = json.loads((tmp_path / "sft" / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and math.isfinite(metrics["train_loss"])
+    assert "accuracy_after" in metrics
+
+
+def trainer_for(recipe: str, tmp_path, cache_dir, monkeypatch, config=TINY_MHC):
+    from hf_ext.recipe import parse_recipe
+    from hf_ext.trainers import pretrain
+
+    monkeypatch.setenv("HF_EXT_CACHE", str(cache_dir))
+    parsed = parse_recipe(str(REPO / recipe), tiny_overrides(tmp_path, config))
+    tokenizer = pretrain.load_tokenizer(parsed)
+    datasets = pretrain.build_datasets(parsed.script_args, parsed.training_args, tokenizer)
+    model = pretrain.load_model(parsed, tokenizer)
+    trainer = pretrain.Trainer(model=model, args=parsed.training_args, train_dataset=datasets["train"],
+                               eval_dataset=datasets["test"], processing_class=tokenizer)
+    return trainer, datasets, tokenizer
+
+
+def test_documents_are_packed_into_full_blocks_with_eos_between_them(tmp_path, cache_dir, monkeypatch):
+    trainer, datasets, tokenizer = trainer_for("recipes/pretrain_mhc.yaml", tmp_path, cache_dir, monkeypatch)
+    blocks = trainer.train_dataset["input_ids"]
+    assert all(len(block) == 64 for block in blocks[:-1]) and 0 < len(blocks[-1]) <= 64
+    stream = [token for block in blocks for token in block]
+    assert stream.count(tokenizer.eos_token_id) == len(datasets["train"])  # one EOS closes every document
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    assert torch.equal(batch["labels"], batch["input_ids"])  # the loss covers every token
+
+
+def test_llama_baseline_has_the_same_shape_without_hyper_connections(tmp_path, cache_dir, monkeypatch):
+    llama_config = {k: v for k, v in TINY_MHC.items() if not k.startswith("hc_")}
+    llama, _, _ = trainer_for("recipes/pretrain_llama.yaml", tmp_path / "llama", cache_dir, monkeypatch, llama_config)
+    mhc, _, _ = trainer_for("recipes/pretrain_mhc.yaml", tmp_path / "mhc", cache_dir, monkeypatch)
+    assert type(llama.model).__name__ == "LlamaForCausalLM"
+    llama_shapes = {name: p.shape for name, p in llama.model.named_parameters()}
+    mhc_shapes = {name: p.shape for name, p in mhc.model.named_parameters() if "_hc." not in name and "hc_head" not in name}
+    assert llama_shapes == mhc_shapes
+
+
+def test_mapping_biases_and_gates_take_no_weight_decay(tmp_path, cache_dir, monkeypatch):
+    trainer, _, _ = trainer_for("recipes/pretrain_mhc.yaml", tmp_path, cache_dir, monkeypatch)
+    decayed = set(trainer.get_decay_parameter_names(trainer.model))
+    assert "model.layers.0.attn_hc.fn" in decayed and "model.layers.0.mlp.up_proj.weight" in decayed
+    assert not {"model.layers.0.attn_hc.base", "model.layers.0.ffn_hc.scale", "model.hc_head.hc_base",
+                "model.hc_head.hc_scale"} & decayed
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--corpus", "lorem"], "python_docs"),
+        (["--config_overrides", json.dumps({**TINY_MHC, "hc_mult": 0})], "hc_mult must be >= 1"),
+        (["--config_overrides", json.dumps({**TINY_MHC, "hc_mlt": 2})], "did you mean 'hc_mult'"),
+        (["--model_name_or_path", "some/model"], "either model_type"),
+        (["--dataset_name", "org/data"], "not dataset_name and corpus"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
+    result = run_cli("hf-ext", "train", "recipes/pretrain_mhc.yaml", "--output_dir", str(tmp_path / "out"), *overrides)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
