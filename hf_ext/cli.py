@@ -198,10 +198,25 @@ def data_command(args: list[str]) -> None:
     pairs.add_argument("--data_format", choices=["prompt_completion", "messages", "instruction"], default="messages")
     vet = commands.add_parser("manifest", help="validate a data file of your own and write its QC manifest")
     vet.add_argument("path")
+    tokenizer_parser = commands.add_parser(
+        "train-tokenizer", help="train a SentencePiece tokenizer on a corpus' training split (a fast tokenizer folder)"
+    )
+    tokenizer_parser.add_argument("--corpus", default="python_docs", help="built-in real text corpus")
+    tokenizer_parser.add_argument("--vocab_size", type=int, default=8192)
+    tokenizer_parser.add_argument("--model_type", choices=["bpe", "unigram"], default="bpe")
+    tokenizer_parser.add_argument("--output", required=True, help="folder to write (loads with AutoTokenizer)")
     options = parser.parse_args(args)
 
     if options.command == "manifest":
         return vet_file(options.path)
+    if options.command == "train-tokenizer":
+        from hf_ext.data.corpus import load_text_corpus
+        from hf_ext.data.tokenizer import train_sentencepiece_tokenizer
+
+        texts = load_text_corpus(options.corpus)["train"]["text"]
+        tokenizer = train_sentencepiece_tokenizer(texts, options.vocab_size, options.output, model_type=options.model_type)
+        print(f"{options.output}: {len(tokenizer)} tokens, trained on {len(texts)} {options.corpus} training documents")
+        return
 
     from hf_ext.data.tasks import TASKS
     from hf_ext.loading import load_model, load_tokenizer

@@ -80,7 +80,7 @@ def test_resume_continues_the_same_run(pretrained, cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((pretrained / "metrics.json").read_text())
     assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == 6
-    assert metrics["loss_curve"]["step"][0] == 5  # steps 1-4 came from the checkpoint
+    assert metrics["loss_curve"]["step"] == [1, 2, 3, 4, 5, 6]  # steps 1-4 logged before, restored from the checkpoint
 
 
 def test_sft_and_qlora_recipe_run_unchanged_on_the_mhc_checkpoint(pretrained, tmp_path, cache_dir):
@@ -156,3 +156,13 @@ def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_train_tokenizer_command_writes_an_autotokenizer_folder(tmp_path):
+    from transformers import AutoTokenizer
+
+    result = run_cli("hf-ext", "data", "train-tokenizer", "--vocab_size", "400", "--output", str(tmp_path / "tok"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    text = "Return the absolute value of a number.\n    The argument may be an integer."
+    assert tokenizer.is_fast and len(tokenizer) == 400 and tokenizer.decode(tokenizer(text)["input_ids"]) == text

@@ -260,8 +260,9 @@ def render_card(recipe, metrics: dict):
 
     args = recipe.training_args
     model = metrics["model"]
-    template = shipped_path("model_cards", f"{model['model_type']}.md")
-    if not template.is_file():
+    try:
+        template = shipped_path("model_cards", f"{model['model_type']}.md")
+    except FileNotFoundError:  # an architecture without a card of its own
         template = shipped_path("model_cards", "pretrained_lm.md")
     validation = metrics.get("validation", {})
     card_data = ModelCardData(
