@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -30,9 +31,7 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("hf_ext_cache")
 
 
-def run_train(recipe: str, *overrides: str, cache_dir) -> "subprocess.CompletedProcess":  # noqa: F821
-    import subprocess
-
+def run_train(recipe: str, *overrides: str, cache_dir) -> subprocess.CompletedProcess:
     env = dict(cli_env(), HF_EXT_CACHE=str(cache_dir))
     return subprocess.run(["hf-ext", "train", recipe, *overrides], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
