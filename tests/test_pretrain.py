@@ -57,6 +57,8 @@ def test_run_writes_a_loadable_mhc_model_with_validation_perplexity(pretrained):
     assert validation["loss"] < math.log(512) + 0.1  # about uniform over the vocabulary after 4 tiny steps
     assert 0 < validation["hc_min_stream_spread"] and validation["hc_max_column_error"] < 5e-3
     assert validation["hc_amax_gain_forward"] == pytest.approx(1.0, abs=1e-2)
+    per_layer = metrics["hyper_connections"]
+    assert len(per_layer["stream_spread"]) == 2 and len(per_layer["column_error"]) == 4  # layers, sub-layers
     assert metrics["model"]["model_type"] == "mhc_lm" and metrics["model"]["parameters"] > 0
     assert (pretrained / "loss_curve.png").stat().st_size > 0
     card = (pretrained / "README.md").read_text()

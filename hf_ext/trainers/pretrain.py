@@ -87,15 +87,21 @@ class Trainer(StageTrainerMixin, trl.SFTTrainer):
             metrics.update(extra)
         return metrics
 
-    def hyper_connection_metrics(self, eval_dataset, prefix: str) -> dict:
+    def hyper_connection_stats(self, eval_dataset=None) -> dict | None:
+        """Per-layer mHC health numbers on the first validation batch (None for models without hyper-connections)."""
         from hf_ext.eval.hyper_connections import has_hyper_connections, hyper_connection_stats
 
         model = self.accelerator.unwrap_model(self.model)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if not has_hyper_connections(model) or dataset is None or len(dataset) == 0:
-            return {}
+            return None
         batch = self.data_collator([dataset[i] for i in range(min(len(dataset), self.args.per_device_eval_batch_size))])
-        stats = hyper_connection_stats(model, batch["input_ids"].to(model.device))
+        return hyper_connection_stats(model, batch["input_ids"].to(model.device))
+
+    def hyper_connection_metrics(self, eval_dataset, prefix: str) -> dict:
+        stats = self.hyper_connection_stats(eval_dataset)
+        if stats is None:
+            return {}
         return {
             f"{prefix}_hc_min_stream_spread": min(stats["stream_spread"]),
             f"{prefix}_hc_max_column_error": max(stats["column_error"]),
@@ -249,6 +255,9 @@ def final_metrics(trainer) -> dict:
             k.removeprefix("eval_"): v for k, v in evaluation.items() if k not in ("epoch", "eval_num_tokens")
         }
         metrics["validation"]["blocks"] = len(trainer.eval_dataset)
+        stats = trainer.hyper_connection_stats()
+        if stats is not None:
+            metrics["hyper_connections"] = stats
     return metrics
 
 
