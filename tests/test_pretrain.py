@@ -94,7 +94,8 @@ def test_sft_and_qlora_recipe_run_unchanged_on_the_mhc_checkpoint(pretrained, tm
     )
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = json.loads((tmp_path / "sft" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    adapted = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     metrics = json.loads((tmp_path / "sft" / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and math.isfinite(metrics["train_loss"])
     assert "accuracy_after" in metrics
@@ -148,7 +149,7 @@ def test_mapping_biases_and_gates_take_no_weight_decay(tmp_path, cache_dir, monk
         (["--corpus", "lorem"], "python_docs"),
         (["--config_overrides", json.dumps({**TINY_MHC, "hc_mult": 0})], "hc_mult must be >= 1"),
         (["--config_overrides", json.dumps({**TINY_MHC, "hc_mlt": 2})], "did you mean 'hc_mult'"),
-        (["--model_name_or_path", "some/model"], "either model_type"),
+        (["--model_name_or_path", "recipes"], "either model_type"),
         (["--dataset_name", "org/data"], "not dataset_name and corpus"),
     ],
 )

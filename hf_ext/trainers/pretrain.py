@@ -152,6 +152,7 @@ def load_tokenizer(recipe):
     from hf_ext.loading import load_tokenizer as load_named_tokenizer
 
     args, model_args, corpus = recipe.training_args, recipe.model_args, recipe.script_args.corpus
+    check_model_source(recipe)
     if args.tokenizer_name_or_path:
         return load_named_tokenizer(args.tokenizer_name_or_path)
     if model_args.model_name_or_path:
@@ -184,6 +185,13 @@ def corpus_tokenizer(texts: list[str], vocab_size: int, name: str):
     return AutoTokenizer.from_pretrained(folder)
 
 
+def check_model_source(recipe) -> None:
+    if recipe.training_args.model_type and recipe.model_args.model_name_or_path:
+        raise UserInputError("pretrain: set either model_type (a new model) or model_name_or_path (continue), not both")
+    if not recipe.training_args.model_type and not recipe.model_args.model_name_or_path:
+        raise UserInputError("pretrain: set model_type (+ config_overrides) to train from scratch, or model_name_or_path")
+
+
 def build_config(model_type: str, overrides: dict | None, **fields):
     """`AutoConfig.for_model(model_type, **fields, **overrides)`, with a one-line error naming the bad field.
 
@@ -214,12 +222,9 @@ def load_model(recipe, tokenizer):
     from hf_ext.loading import load_model as load_named_model
 
     args, model_args = recipe.training_args, recipe.model_args
+    check_model_source(recipe)
     if not args.model_type:
-        if not model_args.model_name_or_path:
-            raise UserInputError("pretrain: set model_type (+ config_overrides) to train from scratch, or model_name_or_path")
         return load_named_model(model_args, trust_remote_code=args.trust_remote_code, trainable_adapter=True)
-    if model_args.model_name_or_path:
-        raise UserInputError("pretrain: set either model_type (a new model) or model_name_or_path (continue), not both")
     fields = dict(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
