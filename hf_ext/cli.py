@@ -210,12 +210,10 @@ def data_command(args: list[str]) -> None:
     if options.command == "manifest":
         return vet_file(options.path)
     if options.command == "train-tokenizer":
-        from hf_ext.data.corpus import load_text_corpus
-        from hf_ext.data.tokenizer import train_sentencepiece_tokenizer
+        from hf_ext.data.tokenizer import train_corpus_tokenizer
 
-        texts = load_text_corpus(options.corpus)["train"]["text"]
-        tokenizer = train_sentencepiece_tokenizer(texts, options.vocab_size, options.output, model_type=options.model_type)
-        print(f"{options.output}: {len(tokenizer)} tokens, trained on {len(texts)} {options.corpus} training documents")
+        tokenizer = train_corpus_tokenizer(options.output, options.vocab_size, options.corpus, options.model_type)
+        print(f"{options.output}: {len(tokenizer)} tokens, trained on the {options.corpus} training documents")
         return
 
     from hf_ext.data.tasks import TASKS

@@ -127,13 +127,19 @@ def train_sentencepiece_tokenizer(
 
 
 def train_corpus_tokenizer(
-    output_dir: str | Path, vocab_size: int = 8192, source: str = "python_docs", model_max_length: int = 2048
+    output_dir: str | Path,
+    vocab_size: int = 8192,
+    source: str = "python_docs",
+    model_type: str = "bpe",
+    model_max_length: int = 2048,
 ) -> PreTrainedTokenizerFast:
-    """A BPE tokenizer trained on the train split of ``load_text_corpus(source)`` (validation stays held out)."""
+    """A tokenizer trained on the train split of ``load_text_corpus(source)`` (validation stays held out)."""
     from hf_ext.data.corpus import load_text_corpus
 
     train = load_text_corpus(source)["train"]
-    return train_sentencepiece_tokenizer(train["text"], vocab_size, output_dir, model_max_length=model_max_length)
+    return train_sentencepiece_tokenizer(
+        train["text"], vocab_size, output_dir, model_type=model_type, model_max_length=model_max_length
+    )
 
 
 def _training_lines(texts: Iterable[str]) -> list[str]:
