@@ -6,8 +6,21 @@
   `from_pretrained(path, trust_remote_code=True)` works where hf_ext is not installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
 
+from .mamba_ssm import (
+    MambaSSMConfig,
+    MambaSSMForCausalLM,
+    MambaSSMForMaskedLM,
+    MambaSSMForSequenceClassification,
+    MambaSSMModel,
+)
 from .mhc import MHCConfig, MHCForCausalLM, MHCModel
 
 
@@ -22,3 +35,12 @@ def register(config_class, base_model_class, head_classes: dict) -> None:
 
 
 register(MHCConfig, MHCModel, {AutoModelForCausalLM: MHCForCausalLM})
+register(
+    MambaSSMConfig,
+    MambaSSMModel,
+    {
+        AutoModelForCausalLM: MambaSSMForCausalLM,
+        AutoModelForMaskedLM: MambaSSMForMaskedLM,
+        AutoModelForSequenceClassification: MambaSSMForSequenceClassification,
+    },
+)
