@@ -82,11 +82,10 @@ def ssd_scan(
     Returns `y [b, L, h, p]` (without the `D x` skip) and the final state `[b, h, p, n]`, in `scan_dtype(x)`.
     """
     batch, length, heads, head_dim = x.shape
-    state_size = B.shape[-1]
+    groups, state_size = B.shape[2], B.shape[3]
+    per_group = heads // groups
     dtype = scan_dtype(x)
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
-    B = B.repeat_interleave(heads // B.shape[2], dim=2)
-    C = C.repeat_interleave(heads // C.shape[2], dim=2)
 
     pad = (-length) % chunk_size  # padding with dt = 0 is the identity of the recurrence
     if pad:
@@ -94,32 +93,40 @@ def ssd_scan(
         dt = F.pad(dt, (0, 0, 0, pad))
     chunks = (length + pad) // chunk_size
 
-    # [b, c, h, Q, .]: one (chunk, head) pair per matrix in every batched matmul below
-    def to_chunks(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(batch, chunks, chunk_size, heads, -1).transpose(2, 3)
-
-    x_dt = to_chunks(x * dt.unsqueeze(-1))
-    B, C = to_chunks(B), to_chunks(C)
-    a = to_chunks(dt * A).squeeze(-1)  # [b, c, h, Q], <= 0
-    decay = torch.exp(segsum(a))  # [b, c, h, Q, Q]: exp(a[s+1] + ... + a[t]) for s <= t
+    # Layout [b, c, g, (heads of the group,) Q, .]: B and C are shared by the heads of a group, so C B^T and the
+    # matmuls with B and C run once per group rather than once per head.
+    x = x.view(batch, chunks, chunk_size, groups, per_group, head_dim).permute(0, 1, 3, 4, 2, 5)
+    dt = dt.view(batch, chunks, chunk_size, groups, per_group).permute(0, 1, 3, 4, 2)
+    B, C = (t.view(batch, chunks, chunk_size, groups, state_size).transpose(2, 3) for t in (B, C))
+    x_dt = x * dt.unsqueeze(-1)  # [b, c, g, hg, Q, p]
+    a = dt * A.view(groups, per_group, 1)  # [b, c, g, hg, Q], <= 0
+    decay = torch.exp(segsum(a))  # [b, c, g, hg, Q, Q]: exp(a[s+1] + ... + a[t]) for s <= t
 
     # 1. within each chunk: y_t = sum_{s <= t} (C_t . B_s) exp(a[s+1..t]) dt_s x_s
-    y = torch.matmul(torch.matmul(C, B.transpose(-1, -2)) * decay, x_dt)
-    # 2. the state each chunk adds: S_c = sum_s exp(a[s+1..end]) dt_s x_s B_s^T   [b, c, h, p, n]
-    chunk_states = torch.matmul(x_dt.transpose(-1, -2), B * decay[..., -1, :].unsqueeze(-1))
+    scores = torch.matmul(C, B.transpose(-1, -2)).unsqueeze(3)  # [b, c, g, 1, Q, Q]
+    y = torch.matmul(scores * decay, x_dt)
+    # 2. the state each chunk adds: S_c = sum_s exp(a[s+1..end]) dt_s x_s B_s^T   [b, c, g, hg, p, n]
+    weighted = (x_dt * decay[..., -1, :].unsqueeze(-1)).transpose(-1, -2)  # [b, c, g, hg, p, Q]
+    chunk_states = torch.matmul(weighted.reshape(batch, chunks, groups, per_group * head_dim, chunk_size), B)
+    chunk_states = chunk_states.view(batch, chunks, groups, per_group, head_dim, state_size)
     # 3. a recurrence over chunks, H_{c+1} = exp(sum a over chunk c) H_c + S_c (L / Q steps)
-    chunk_decay = torch.exp(a.sum(dim=-1))  # [b, c, h]
-    state = x.new_zeros(batch, heads, head_dim, state_size) if initial_state is None else initial_state.to(dtype)
+    chunk_decay = torch.exp(a.sum(dim=-1))[..., None, None]  # [b, c, g, hg, 1, 1]
+    if initial_state is None:
+        state = x.new_zeros(batch, groups, per_group, head_dim, state_size)
+    else:
+        state = initial_state.to(dtype).view(batch, groups, per_group, head_dim, state_size)
     states_in = []
     for c in range(chunks):
         states_in.append(state)
-        state = chunk_decay[:, c, :, None, None] * state + chunk_states[:, c]
-    states_in = torch.stack(states_in, dim=1)  # [b, c, h, p, n], the state entering each chunk
+        state = chunk_decay[:, c] * state + chunk_states[:, c]
+    states_in = torch.stack(states_in, dim=1)  # [b, c, g, hg, p, n], the state entering each chunk
     # 4. the entering state seen from every position: exp(a[start..t]) C_t H_c
-    y = y + torch.matmul(C, states_in.transpose(-1, -2)) * torch.exp(torch.cumsum(a, dim=-1)).unsqueeze(-1)
+    states_in = states_in.permute(0, 1, 2, 5, 3, 4).reshape(batch, chunks, groups, state_size, per_group * head_dim)
+    from_state = torch.matmul(C, states_in).view(batch, chunks, groups, chunk_size, per_group, head_dim)
+    y = y + from_state.transpose(3, 4) * torch.exp(torch.cumsum(a, dim=-1)).unsqueeze(-1)
 
-    y = y.transpose(2, 3).reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
-    return y, state
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
+    return y, state.reshape(batch, heads, head_dim, state_size)
 
 
 def selective_state_step(
