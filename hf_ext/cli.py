@@ -2,6 +2,7 @@
 
     hf-ext train RECIPE.yaml [--key value ...] [-- ACCELERATE FLAGS ...]
     hf-ext eval --model PATH[,PATH...] [--task NAME] [--judge PATH] [--num_examples N] ...
+    hf-ext eval --task antibody_design --model PATH [--baseline FILE | --write_baseline FILE] ...
     hf-ext data generate-sft|make-pairs|manifest ...
     hf-ext pipeline recipes/pipelines/stage1.yaml
 
@@ -89,6 +90,8 @@ def train_command(args: list[str]) -> None:
 
 
 def eval_command(args: list[str]) -> None:
+    if _option_value(args, "--task") == "antibody_design":
+        return antibody_design_command(args)
     parser = argparse.ArgumentParser(
         prog="hf-ext eval",
         description="Exact-match accuracy of one or more models on a verifiable task, one model in memory at a time. "
@@ -164,6 +167,102 @@ def eval_command(args: list[str]) -> None:
     print(f"peak RSS {summary['peak_rss_mb']:.0f} MB")
     if options.output:
         Path(options.output).write_text(json.dumps(summary, indent=2))
+
+
+def _option_value(args: list[str], option: str) -> str | None:
+    """The value of ``option`` in ``args`` (``--task x`` or ``--task=x``), before any parsing."""
+    for index, arg in enumerate(args):
+        if arg == option and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def antibody_design_command(args: list[str]) -> None:
+    """Sample edits of held-out antibodies with a masked LM, print their metrics, compare with a baseline.
+
+    Exits with status 1 (after writing --output) when a metric regressed beyond the tolerance."""
+    parser = argparse.ArgumentParser(
+        prog="hf-ext eval --task antibody_design",
+        description="MLM-sampled edits of held-out antibody sequences: validity, diversity, liabilities, score delta.",
+    )
+    parser.add_argument("--task", choices=["antibody_design"], required=True)
+    parser.add_argument("--model", required=True, help="masked-LM folder with its protein tokenizer (AutoModelForMaskedLM)")
+    parser.add_argument("--num_parents", type=int, default=16, help="held-out validation sequences to edit")
+    parser.add_argument("--num_variants", type=int, default=8, help="variants per parent")
+    parser.add_argument("--num_edits", type=int, default=3, help="positions masked and resampled per variant")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: most likely residue)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parent choice, edit positions and sampling")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--scorer", default="pll",
+                        help="pll (pseudo-log-likelihood per residue under the model) or module:function")
+    parser.add_argument("--max_positions", type=int, default=None,
+                        help="pll: score this many evenly spaced positions per sequence instead of all")
+    parser.add_argument("--validation_fraction", type=float,
+                        help="antibody corpus split used in training (default: the model's recipe.yaml, else 0.1)")
+    parser.add_argument("--split_seed", type=int,
+                        help="antibody corpus split seed used in training (default: the recipe's seed, else 42)")
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline", help="baseline JSON to check the metrics against (exit 1 on a regression)")
+    baseline.add_argument("--write_baseline", help="write this run's metrics as a baseline JSON")
+    parser.add_argument("--tolerance", default="0.02",
+                        help="absolute tolerance: one number, or metric=number,... (unnamed metrics: 0)")
+    parser.add_argument("--output", help="write settings, metrics and every variant as JSON to this file")
+    options = parser.parse_args(args)
+
+    from hf_ext.eval.antibody_design import (
+        METRIC_DIRECTIONS,
+        check_regression,
+        evaluate_antibody_design,
+        parse_tolerance,
+        read_baseline,
+        write_baseline,
+    )
+
+    tolerance = parse_tolerance(options.tolerance)
+    stored = read_baseline(options.baseline) if options.baseline else None  # a bad baseline fails before the model runs
+    result = evaluate_antibody_design(
+        options.model, num_parents=options.num_parents, num_variants=options.num_variants,
+        num_edits=options.num_edits, temperature=options.temperature, seed=options.seed,
+        batch_size=options.batch_size, scorer=options.scorer, max_positions=options.max_positions,
+        validation_fraction=options.validation_fraction, split_seed=options.split_seed,
+    )
+    metrics = result["metrics"]
+    print(f"\n{options.model}: antibody_design, {metrics['num_parents']} held-out parents x {options.num_variants} "
+          f"variants = {metrics['num_variants']}, {options.num_edits} edits, temperature {options.temperature}, "
+          f"scorer {options.scorer}")
+    print("| metric | value | baseline |\n|---|---|---|")
+    for name in ("valid_fraction", "unique_fraction", "mean_edits", *list(METRIC_DIRECTIONS)[2:]):
+        value = metrics.get(name)
+        reference = stored["metrics"].get(name, {}).get("value") if stored else None
+        print(f"| {name} | {'-' if value is None else f'{value:.4f}'} | {'-' if reference is None else f'{reference:.4f}'} |")
+    introduced = {name: count for name, count in metrics["introduced_liabilities"].items() if count}
+    print(f"variants introducing a liability: {json.dumps(introduced) if introduced else 'none'}")
+
+    if options.write_baseline:
+        write_baseline(metrics, options.write_baseline, settings=result["settings"])
+        print(f"baseline written to {options.write_baseline}")
+    regressions = []
+    if stored is not None:
+        different = [
+            f"{key} {value!r} (this run {result['settings'].get(key)!r})"
+            for key, value in stored.get("settings", {}).items()
+            if result["settings"].get(key) != value
+        ]
+        if different:
+            print(f"hf-ext: warning: the baseline was made with other settings: {', '.join(different)}", file=sys.stderr)
+        regressions = check_regression(metrics, options.baseline, tolerance)
+        result["regressions"] = regressions
+    if options.output:
+        Path(options.output).write_text(json.dumps(result, indent=2) + "\n")
+    if regressions:
+        lines = "\n".join(f"  - {regression}" for regression in regressions)
+        print(f"\nhf-ext: REGRESSION: {len(regressions)} metric(s) worse than baseline {options.baseline}:\n{lines}",
+              file=sys.stderr)
+        sys.exit(1)
+    if stored is not None:
+        print(f"no regression against baseline {options.baseline} (tolerance {options.tolerance})")
 
 
 def data_command(args: list[str]) -> None:

@@ -194,11 +194,22 @@ def load_model(model_args, trust_remote_code: bool = False, trainable_adapter: b
         model = AutoModelForCausalLM.from_pretrained(_loadable(source), **{k: v for k, v in kwargs.items() if v is not None})
     except (OSError, ValueError) as error:
         raise UserInputError(f"model {source.reference}: cannot load: {str(error).splitlines()[0]}") from None
+    if quantization is not None:
+        keep_cpu_inference_general(model)
     if source.kind == "adapter":
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, source.location, is_trainable=trainable_adapter)
     return model
+
+
+def keep_cpu_inference_general(model) -> None:
+    """bitsandbytes' AVX512-BF16 CPU inference path repacks 4-bit weights in blocks of 32 output rows and asserts on
+    any other shape (e.g. Mamba's `in_proj`, 2 * d_inner + 2 * n_groups * state_size + num_heads rows). Such layers
+    take bitsandbytes' general CPU path instead; training, GPUs and other layers are unaffected."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and module.out_features % 32:
+            module.support_avx512bf16_for_cpu = False
 
 
 UNSLOTH_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

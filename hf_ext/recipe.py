@@ -49,7 +49,8 @@ class ScriptArguments(TrlScriptArguments):
     )
     corpus: str | None = field(
         default=None,
-        metadata={"help": "Built-in real text corpus for the pretrain stage (python_docs); see hf_ext.data.corpus."},
+        metadata={"help": "Built-in real corpus: python_docs (stage pretrain, hf_ext.data.corpus) or "
+                          "antibody_germlines (stage mlm, hf_ext.data.protein)."},
     )
     corpus_validation_fraction: float = field(default=0.05, metadata={"help": "Held-out documents of the corpus."})
     task_train_size: int = field(default=2000, metadata={"help": "Generated training examples of `task`."})
@@ -284,8 +285,8 @@ def validate_paths(recipe: Recipe) -> None:
         raise UserInputError(f"{recipe.path}: set one of 'dataset_name', 'task' or 'corpus', not {' and '.join(sources)}")
     if not sources:
         raise UserInputError(f"{recipe.path}: no training data: set 'task' (a verifiable task) or 'dataset_name'")
-    if recipe.script_args.corpus and recipe.stage != "pretrain":
-        raise UserInputError(f"{recipe.path}: key 'corpus' is raw text for the pretrain stage; stage {recipe.stage} takes 'task' or 'dataset_name'")
+    if recipe.script_args.corpus and recipe.stage not in ("pretrain", "mlm"):
+        raise UserInputError(f"{recipe.path}: key 'corpus' is raw data for the pretrain and mlm stages; stage {recipe.stage} takes 'task' or 'dataset_name'")
     if recipe.script_args.task:
         from hf_ext.data.tasks import TASKS
 

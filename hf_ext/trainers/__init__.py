@@ -3,7 +3,7 @@
 Each stage module exports `Config` (its TRL config subclass), `Trainer` (its TRL trainer subclass),
 `build_datasets(script_args, training_args, tokenizer)` and `CARD_DESCRIPTION` (a sentence for the model card). Modules are imported only when a stage is used.
 
-Optional hooks, for stages that build their own model (`hf_ext.trainers.pretrain`): `load_tokenizer(recipe)`,
+Optional hooks, for stages that build their own model (`hf_ext.trainers.pretrain`, `hf_ext.trainers.mlm`): `load_tokenizer(recipe)`,
 `load_model(recipe, tokenizer)`, `final_metrics(trainer) -> dict` (run on every rank after training),
 `render_card(recipe, metrics) -> ModelCard` and `LOSS_LABEL` (the loss plot's y label).
 """
@@ -15,6 +15,7 @@ STAGES: dict[str, str] = {
     "sft": "hf_ext.trainers.sft",
     "dpo": "hf_ext.trainers.dpo",
     "pretrain": "hf_ext.trainers.pretrain",
+    "mlm": "hf_ext.trainers.mlm",
 }
 
 

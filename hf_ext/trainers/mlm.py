@@ -1,0 +1,265 @@
+"""Masked-language-model training of a bidirectional model on protein sequences (`transformers.Trainer` subclass).
+
+TRL has no masked-LM trainer, so this stage subclasses the `transformers.Trainer` that TRL's trainers build on, with
+transformers' own `DataCollatorForLanguageModeling` (BERT masking: 15% of residues chosen, 80% -> `<mask>`, 10% -> a
+random token, 10% unchanged; `<cls>`, `<eos>` and padding are never chosen).
+
+Data: the built-in real antibody corpus (`corpus: antibody_germlines`, `hf_ext.data.protein.load_antibody_corpus`,
+validation = held-out V genes) or `dataset_name` (a file or dataset with a `sequence` column). Every sequence is
+checked against the amino-acid alphabet first (`on_unknown: error` names the row and character; `unk` maps it).
+
+Held-out MLM perplexity (the one definition used everywhere in hf_ext): the validation sequences are masked once,
+with the same BERT scheme and the recipe's seed, before training; perplexity = `exp(mean cross-entropy over those
+masked positions)`, so every evaluation of every run on the same data scores the same positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from datasets import DatasetDict
+from transformers import DataCollatorForLanguageModeling
+
+from hf_ext.errors import UserInputError
+from hf_ext.trainers.base import StageConfigMixin, StageTrainerMixin
+from hf_ext.trainers.pretrain import build_config, describe_model
+
+LOSS_LABEL = "masked-LM loss (masked residues, nats)"
+CARD_DESCRIPTION = (
+    "Masked-language-model training of a bidirectional model (a `transformers.Trainer` subclass with BERT-style "
+    "masking); loss on the masked residues only."
+)
+CORPORA = ("antibody_germlines",)
+
+
+@dataclass
+class Config(StageConfigMixin, transformers.TrainingArguments):
+    """`transformers.TrainingArguments` plus the model to build, the masking and the sequence checks."""
+
+    _VALID_DICT_FIELDS = transformers.TrainingArguments._VALID_DICT_FIELDS + ["config_overrides"]
+
+    model_type: str | None = field(
+        default="mamba_ssm",
+        metadata={"help": "Architecture to build from scratch (an AutoConfig model_type); unused with model_name_or_path."},
+    )
+    config_overrides: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Architecture fields for `model_type` (hidden_size, num_hidden_layers, ...)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or Hub id; unset: the model's, else hf_ext's protein tokenizer."}
+    )
+    max_length: int = field(default=1024, metadata={"help": "Longest sequence in tokens (<cls> and <eos> included)."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of residues chosen for masking."})
+    on_unknown: str = field(
+        default="error", metadata={"help": "A character outside the amino-acid alphabet: error, or unk (<unk> token)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model_name_or_path with its own code."})
+
+    def __post_init__(self):
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise UserInputError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if self.max_length < 3:
+            raise UserInputError(f"max_length must be >= 3 (<cls>, a residue, <eos>), got {self.max_length}")
+        if self.on_unknown not in ("error", "unk"):
+            raise UserInputError(f"on_unknown must be 'error' or 'unk', got {self.on_unknown!r}")
+        super().__post_init__()
+        if self.model_type:  # a bad architecture field fails here, before any data or output folder
+            build_config(self.model_type, self.config_overrides, **bidirectional_fields(self.model_type))
+
+
+def bidirectional_fields(model_type: str) -> dict:
+    return {"bidirectional": True} if model_type == "mamba_ssm" else {}
+
+
+class MaskedLMCollator:
+    """BERT masking for training rows; rows that were masked once already (the validation set) are only padded."""
+
+    def __init__(self, tokenizer, mlm_probability: float):
+        self.tokenizer = tokenizer
+        self.masking = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if "labels" not in features[0]:
+            return self.masking(features)
+        length = max(len(f["input_ids"]) for f in features)
+        batch = {
+            "input_ids": torch.full((len(features), length), self.tokenizer.pad_token_id),
+            "attention_mask": torch.zeros(len(features), length, dtype=torch.long),
+            "labels": torch.full((len(features), length), -100),
+        }
+        for row, feature in enumerate(features):  # right padding, as the protein tokenizer
+            n = len(feature["input_ids"])
+            batch["input_ids"][row, :n] = torch.tensor(feature["input_ids"])
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = torch.tensor(feature["labels"])
+        return batch
+
+
+class Trainer(StageTrainerMixin, transformers.Trainer):
+    _tag_names = ["mlm", "hf_ext"]
+    _name = "MLM"
+
+    def __init__(self, model, args: Config, processing_class, peft_config=None, data_collator=None, **kwargs):
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        data_collator = data_collator or MaskedLMCollator(processing_class, args.mlm_probability)
+        super().__init__(model=model, args=args, processing_class=processing_class, data_collator=data_collator, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if f"{metric_key_prefix}_loss" in metrics:
+            perplexity = {f"{metric_key_prefix}_perplexity": math.exp(min(metrics[f"{metric_key_prefix}_loss"], 50.0))}
+            self.log(perplexity)
+            metrics.update(perplexity)
+        return metrics
+
+
+def _sequence_splits(script_args, training_args) -> tuple[DatasetDict, str]:
+    if script_args.corpus:
+        if script_args.corpus not in CORPORA:
+            raise UserInputError(f"corpus: stage mlm has the built-in corpora {', '.join(CORPORA)}, not {script_args.corpus!r}")
+        from hf_ext.data.protein import load_antibody_corpus
+
+        corpus = load_antibody_corpus(validation_fraction=script_args.corpus_validation_fraction, seed=training_args.seed)
+        return DatasetDict({"train": corpus["train"], "test": corpus["validation"]}), f"corpus {script_args.corpus}"
+    if script_args.dataset_name:
+        from hf_ext.data.sources import load_splits
+
+        return load_splits(script_args, seed=training_args.seed), str(script_args.dataset_name)
+    raise UserInputError("mlm: set `corpus` (antibody_germlines) or `dataset_name` (a dataset with a sequence column)")
+
+
+def build_datasets(script_args, training_args, tokenizer) -> DatasetDict:
+    """`train`: `input_ids` per sequence (masked anew every batch); `test`: `input_ids` + `labels`, masked once."""
+    from hf_ext.data.protein import validate_sequences
+
+    splits, source = _sequence_splits(script_args, training_args)
+    encoded = {}
+    for split, rows in splits.items():
+        if "sequence" not in rows.column_names:
+            raise UserInputError(f"{source} [{split}]: no 'sequence' column (has: {', '.join(rows.column_names)})")
+        sequences = validate_sequences(rows["sequence"], training_args.on_unknown, source=f"{source} [{split}]")
+        ids = tokenizer(sequences, truncation=False)["input_ids"]
+        for index, row in enumerate(ids):
+            if len(row) > training_args.max_length:
+                raise UserInputError(
+                    f"{source} [{split}] sequence {index}: {len(row)} tokens with <cls>/<eos>, more than max_length "
+                    f"{training_args.max_length}"
+                )
+        encoded[split] = rows.from_dict({"input_ids": ids})
+    if len(encoded["train"]) == 0:
+        raise UserInputError(f"{source}: the training split is empty")
+    if "test" in encoded and len(encoded["test"]):
+        encoded["test"] = mask_once(encoded["test"], tokenizer, training_args.mlm_probability, training_args.seed)
+    return DatasetDict(encoded)
+
+
+def mask_once(dataset, tokenizer, mlm_probability: float, seed: int):
+    """The validation rows masked with a fixed seed: every evaluation scores the same masked positions."""
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
+    input_ids, labels = [], []
+    for row in dataset["input_ids"]:
+        batch = collator([{"input_ids": row}])
+        input_ids.append(batch["input_ids"][0].tolist())
+        labels.append(batch["labels"][0].tolist())
+    return dataset.from_dict({"input_ids": input_ids, "labels": labels})
+
+
+def load_tokenizer(recipe):
+    from hf_ext.data.protein import build_protein_tokenizer
+    from hf_ext.loading import load_tokenizer as load_named_tokenizer
+
+    args, model_args = recipe.training_args, recipe.model_args
+    if args.tokenizer_name_or_path:
+        return load_named_tokenizer(args.tokenizer_name_or_path)
+    if model_args.model_name_or_path:
+        return load_named_tokenizer(model_args.model_name_or_path)
+    return build_protein_tokenizer(model_max_length=args.max_length)
+
+
+def load_model(recipe, tokenizer):
+    """A new bidirectional `model_type` (vocabulary and special tokens from the tokenizer), or `model_name_or_path`."""
+    from transformers import AutoModelForMaskedLM, set_seed
+
+    from hf_ext.data.protein import PROTEIN_MODEL_VOCAB_SIZE
+
+    args, model_args = recipe.training_args, recipe.model_args
+    if model_args.model_name_or_path:
+        return AutoModelForMaskedLM.from_pretrained(
+            model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+        )
+    fields = dict(
+        vocab_size=max(len(tokenizer), PROTEIN_MODEL_VOCAB_SIZE),  # the protein vocabulary rounded up to 32
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **bidirectional_fields(args.model_type),
+    )
+    config = build_config(args.model_type, args.config_overrides, **fields)
+    set_seed(args.seed)  # the initial weights depend on the recipe's seed only
+    return AutoModelForMaskedLM.from_config(config)
+
+
+def final_metrics(trainer) -> dict:
+    """Held-out MLM loss and perplexity of the final model, its size and the residues it was trained on."""
+    metrics: dict = {"model": describe_model(trainer.accelerator.unwrap_model(trainer.model))}
+    train = trainer.train_dataset
+    metrics["train_sequences"] = len(train)
+    metrics["train_tokens_per_epoch"] = sum(len(ids) for ids in train["input_ids"])
+    if trainer.eval_dataset is not None and len(trainer.eval_dataset):
+        evaluation = trainer.evaluate()
+        metrics["validation"] = {k.removeprefix("eval_"): v for k, v in evaluation.items() if k != "epoch"}
+        metrics["validation"]["sequences"] = len(trainer.eval_dataset)
+        metrics["validation"]["masked_tokens"] = sum(
+            sum(label != -100 for label in row) for row in trainer.eval_dataset["labels"]
+        )
+    return metrics
+
+
+def render_card(recipe, metrics: dict):
+    """`model_cards/mamba_ssm.md` (the architecture's card) with this run's numbers."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from hf_ext.resources import shipped_path
+
+    args = recipe.training_args
+    model = metrics["model"]
+    validation = metrics.get("validation", {})
+    card_data = ModelCardData(
+        model_name=Path(args.output_dir).name,
+        library_name="transformers",
+        pipeline_tag="fill-mask",
+        license="apache-2.0",
+        tags=["hf_ext", "mlm", "protein", "antibody", model["model_type"]],
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(shipped_path("model_cards", "mamba_ssm.md")),
+        model_name=Path(args.output_dir).name,
+        model_type=model["model_type"],
+        objective="masked language modelling (bidirectional)",
+        auto_class="AutoModelForMaskedLM",
+        parameters=f"{model['parameters'] / 1e6:.2f}M",
+        config=args.config_overrides or {},
+        stage_description=CARD_DESCRIPTION,
+        data_description=(
+            f"`{recipe.script_args.corpus}` (hf_ext built-in: human IMGT germline V-J assemblies from `abnumber`, "
+            "validation = held-out V genes)" if recipe.script_args.corpus else f"`{recipe.script_args.dataset_name}`"
+        ),
+        global_step=metrics.get("global_step"),
+        validation_loss=f"{validation['loss']:.4f}" if "loss" in validation else "n/a",
+        validation_perplexity=f"{validation['perplexity']:.2f}" if "perplexity" in validation else "n/a",
+        perplexity_definition=(
+            f"exp(mean cross-entropy over the {validation.get('masked_tokens', 'n/a')} residues of the "
+            f"{validation.get('sequences', 'n/a')} held-out sequences masked once with seed {args.seed} "
+            f"(BERT scheme, mlm_probability {args.mlm_probability})"
+        ),
+        seed=args.seed,
+    )
