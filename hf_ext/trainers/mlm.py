@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import transformers
 from datasets import DatasetDict
-from transformers import DataCollatorForLanguageModeling
+from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification
 
 from hf_ext.errors import UserInputError
 from hf_ext.trainers.base import StageConfigMixin, StageTrainerMixin
@@ -80,24 +80,11 @@ class MaskedLMCollator:
     """BERT masking for training rows; rows that were masked once already (the validation set) are only padded."""
 
     def __init__(self, tokenizer, mlm_probability: float):
-        self.tokenizer = tokenizer
         self.masking = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
+        self.padding = DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if "labels" not in features[0]:
-            return self.masking(features)
-        length = max(len(f["input_ids"]) for f in features)
-        batch = {
-            "input_ids": torch.full((len(features), length), self.tokenizer.pad_token_id),
-            "attention_mask": torch.zeros(len(features), length, dtype=torch.long),
-            "labels": torch.full((len(features), length), -100),
-        }
-        for row, feature in enumerate(features):  # right padding, as the protein tokenizer
-            n = len(feature["input_ids"])
-            batch["input_ids"][row, :n] = torch.tensor(feature["input_ids"])
-            batch["attention_mask"][row, :n] = 1
-            batch["labels"][row, :n] = torch.tensor(feature["labels"])
-        return batch
+        return self.padding(features) if "labels" in features[0] else self.masking(features)
 
 
 class Trainer(StageTrainerMixin, transformers.Trainer):

@@ -499,6 +499,7 @@ class MambaSSMPreTrainedModel(PreTrainedModel):
     config: MambaSSMConfig
     config_class = MambaSSMConfig
     base_model_prefix = "backbone"
+    _input_embed_layer = "embeddings"  # transformers' embedding accessors then find them in every head
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MambaSSMBlock"]
@@ -543,12 +544,6 @@ class MambaSSMModel(MambaSSMPreTrainedModel):
         self.norm_f = MambaSSMRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, new_embeddings):
-        self.embeddings = new_embeddings
 
     @can_return_tuple
     def forward(
@@ -622,12 +617,6 @@ class MambaSSMForCausalLM(MambaSSMPreTrainedModel, GenerationMixin):
         self.backbone = MambaSSMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, new_embeddings):
-        self.backbone.set_input_embeddings(new_embeddings)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -706,15 +695,6 @@ class MambaSSMForMaskedLM(MambaSSMPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, new_embeddings):
-        self.backbone.set_input_embeddings(new_embeddings)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
     def generate(self, *args, **kwargs):
         raise ValueError(
             "MambaSSMForMaskedLM is bidirectional and cannot generate left to right; fill masks with its logits "
@@ -765,12 +745,6 @@ class MambaSSMForSequenceClassification(MambaSSMPreTrainedModel):
         self.backbone = MambaSSMModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, new_embeddings):
-        self.backbone.set_input_embeddings(new_embeddings)
 
     def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:
