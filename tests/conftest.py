@@ -36,3 +36,31 @@ def smollm2():
     from hf_ext.recipe import ModelArguments
 
     return load_model(ModelArguments(model_name_or_path=SMOLLM2)).eval()
+
+
+def run_without_hf_ext(tmp_path: Path, body: str) -> None:
+    """Run `body` in a fresh Python where `import hf_ext` fails, as for a user who never installed it; it must end by
+    printing `ok`. Remote code is cached under `tmp_path`, so every test loads the files its checkpoint carries."""
+    import textwrap
+
+    script = 'import sys\nsys.modules["hf_ext"] = None  # any `import hf_ext` fails\n' + textwrap.dedent(body)
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def train_steps(model, steps: int, lr: float = 1e-2, **inputs) -> list[float]:
+    """`steps` AdamW steps on one fixed batch (`inputs` go to the model); the losses, one per step."""
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -6,9 +6,6 @@ Tiny fp32 configs on CPU. "comb frame" = the stored matrix `comb = H_res^T`, app
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfi
 import hf_ext  # noqa: F401  (registration)
 from hf_ext.models.mhc import MHCConfig, MHCForCausalLM, MHCModel
 from hf_ext.models.mhc.modeling_mhc import MHCDecoderLayer, MHCHyperConnection, MHCHyperHead, sinkhorn
+from tests.conftest import run_without_hf_ext, train_steps
 
 VOCAB = 97
 
@@ -359,10 +357,9 @@ def test_loads_with_trust_remote_code_where_hf_ext_cannot_be_imported(tmp_path):
     ids = tokens()
     torch.save(ids, tmp_path / "ids.pt")
     torch.save(model(ids).logits, tmp_path / "logits.pt")
-    script = textwrap.dedent(
+    run_without_hf_ext(
+        tmp_path,
         f"""
-        import sys
-        sys.modules["hf_ext"] = None  # any `import hf_ext` fails
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
@@ -373,12 +370,8 @@ def test_loads_with_trust_remote_code_where_hf_ext_cannot_be_imported(tmp_path):
         backbone = AutoModel.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
         assert type(backbone).__name__ == "MHCModel"
         print("ok")
-        """
+        """,
     )
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
 
 
 # ---------------------------------------------------------------- padding, attention backends, checkpointing
@@ -507,14 +500,6 @@ def test_qlora_nf4_all_linear_trains(tmp_path):
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "_hc." in n)  # mappings never quantized
 
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = tokens(4, 16)
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, 8, input_ids=ids, labels=ids)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.05, losses

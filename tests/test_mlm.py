@@ -96,6 +96,13 @@ def test_validation_is_masked_once_and_training_anew_every_batch(tmp_path):
         masked = [i for i, label in enumerate(labels) if label != -100]
         assert masked and all(ids[i] == tokenizer.mask_token_id or labels[i] != -100 for i in masked)
     collator = MaskedLMCollator(tokenizer, 0.15)
+    validation = [datasets["test"][i] for i in range(3)]
+    padded = collator(validation)  # already masked: only padded (right, labels -100)
+    for row, feature in enumerate(validation):
+        n = len(feature["input_ids"])
+        assert padded["input_ids"][row, :n].tolist() == feature["input_ids"]
+        assert padded["labels"][row, :n].tolist() == feature["labels"] and (padded["labels"][row, n:] == -100).all()
+        assert padded["attention_mask"][row].sum() == n and (padded["input_ids"][row, n:] == tokenizer.pad_token_id).all()
     rows = [{"input_ids": ids} for ids in datasets["train"]["input_ids"][:8]]
     first, second = collator(rows), collator(rows)
     assert not torch.equal(first["labels"], second["labels"])
