@@ -280,7 +280,13 @@ def validate_paths(recipe: Recipe) -> None:
     if looks_local:
         if not Path(dataset).exists():
             raise UserInputError(f"{recipe.path}: key 'dataset_name': file {dataset} does not exist")
+    from hf_ext.trainers import get_stage
+
     sources = [key for key in ("dataset_name", "task", "corpus") if getattr(recipe.script_args, key)]
+    if getattr(get_stage(recipe.stage), "BUILT_IN_DATA", False):
+        if sources:
+            raise UserInputError(f"{recipe.path}: stage {recipe.stage} reads its own data keys; remove {', '.join(sources)}")
+        return
     if len(sources) > 1:
         raise UserInputError(f"{recipe.path}: set one of 'dataset_name', 'task' or 'corpus', not {' and '.join(sources)}")
     if not sources:

@@ -111,7 +111,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
 
     trainer.save_model(str(output_dir))
     if state.is_main_process:
-        tokenizer.save_pretrained(output_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
         if model_args.use_peft:  # the Hub id (for PEFT and the Hub), never the local GGUF conversion cache
             record_adapter_base(output_dir, hub_base_model(recipe) or model_args.model_name_or_path)
 

@@ -1,6 +1,8 @@
 """hf_ext's architectures, registered with transformers' Auto classes both ways.
 
 - In this process: `AutoConfig` / `AutoModel` / `AutoModelFor...` resolve the `model_type`s below to hf_ext's classes.
+- `arc_grid` predicts a class (colour or "outside the grid") per output cell, so its head is registered as
+  transformers' per-cell-classification Auto class, `AutoModelForSemanticSegmentation`.
 - In every saved checkpoint: `register_for_auto_class` makes `save_pretrained` / `push_to_hub` copy the
   self-contained configuration and modeling files next to the weights and write `auto_map` into config.json, so
   `from_pretrained(path, trust_remote_code=True)` works where hf_ext is not installed.
@@ -11,8 +13,11 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSemanticSegmentation,
     AutoModelForSequenceClassification,
 )
+
+from .arc_grid import ArcGridConfig, ArcGridForGridPrediction, ArcGridModel
 
 from .mamba_ssm import (
     MambaSSMConfig,
@@ -44,3 +49,4 @@ register(
         AutoModelForSequenceClassification: MambaSSMForSequenceClassification,
     },
 )
+register(ArcGridConfig, ArcGridModel, {AutoModelForSemanticSegmentation: ArcGridForGridPrediction})

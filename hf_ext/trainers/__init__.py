@@ -5,7 +5,8 @@ Each stage module exports `Config` (its TRL config subclass), `Trainer` (its TRL
 
 Optional hooks, for stages that build their own model (`hf_ext.trainers.pretrain`, `hf_ext.trainers.mlm`): `load_tokenizer(recipe)`,
 `load_model(recipe, tokenizer)`, `final_metrics(trainer) -> dict` (run on every rank after training),
-`render_card(recipe, metrics) -> ModelCard` and `LOSS_LABEL` (the loss plot's y label).
+`render_card(recipe, metrics) -> ModelCard` and `LOSS_LABEL` (the loss plot's y label). `load_tokenizer` may return
+None (grids need no tokenizer), and `BUILT_IN_DATA = True` says the stage reads its data from its own keys.
 """
 
 import importlib
@@ -16,6 +17,7 @@ STAGES: dict[str, str] = {
     "dpo": "hf_ext.trainers.dpo",
     "pretrain": "hf_ext.trainers.pretrain",
     "mlm": "hf_ext.trainers.mlm",
+    "arc": "hf_ext.trainers.arc",
 }
 
 
