@@ -3,6 +3,7 @@
     hf-ext train RECIPE.yaml [--key value ...] [-- ACCELERATE FLAGS ...]
     hf-ext eval --model PATH[,PATH...] [--task NAME] [--judge PATH] [--num_examples N] ...
     hf-ext eval --task antibody_design --model PATH [--baseline FILE | --write_baseline FILE] ...
+    hf-ext eval --task arc --model PATH [--subset NAME | --tasks_file FILE] [--num_votes N] [--ttt_steps N] ...
     hf-ext data generate-sft|make-pairs|manifest ...
     hf-ext pipeline recipes/pipelines/stage1.yaml
 
@@ -92,6 +93,8 @@ def train_command(args: list[str]) -> None:
 def eval_command(args: list[str]) -> None:
     if _option_value(args, "--task") == "antibody_design":
         return antibody_design_command(args)
+    if _option_value(args, "--task") == "arc":
+        return arc_command(args)
     parser = argparse.ArgumentParser(
         prog="hf-ext eval",
         description="Exact-match accuracy of one or more models on a verifiable task, one model in memory at a time. "
@@ -263,6 +266,57 @@ def antibody_design_command(args: list[str]) -> None:
         sys.exit(1)
     if stored is not None:
         print(f"no regression against baseline {options.baseline} (tolerance {options.tolerance})")
+
+
+def arc_command(args: list[str]) -> None:
+    """Score an ARC model on a named subset (or a task file): voted pass@2, cell and shape accuracy, protocol."""
+    parser = argparse.ArgumentParser(
+        prog="hf-ext eval --task arc",
+        description="Voted pass@2 of an arc_grid model on a named ARC subset, with cell accuracy next to the copy "
+        "baseline. Defaults come from the recipe.yaml saved next to the model.",
+    )
+    parser.add_argument("--task", choices=["arc"], required=True)
+    parser.add_argument("--model", required=True, help="arc_grid folder or Hub id (AutoModelForSemanticSegmentation)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--subset", help="named subset, e.g. arc1_eval_equal_shape_max10 (default: the recipe's eval_subset)")
+    source.add_argument("--tasks_file", help="a JSON file of ARC tasks ({task_id: task}, or one task) with test outputs")
+    parser.add_argument("--num_votes", type=int, help="augmented views voted per test input (default: the recipe's, else 8)")
+    parser.add_argument("--ttt_steps", type=int, default=0, help="per-task test-time fine-tuning steps on the demo pairs")
+    parser.add_argument("--ttt_learning_rate", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the extra colour permutations and TTT")
+    parser.add_argument("--output", help="write the metrics and settings as JSON to this file")
+    parser.add_argument("--attempts", help="write the attempts in ARC Prize submission format to this file")
+    options = parser.parse_args(args)
+
+    from transformers import AutoModelForSemanticSegmentation
+
+    import hf_ext  # noqa: F401  (registers arc_grid)
+    from hf_ext.data.arc import load_subset, read_task_file
+    from hf_ext.eval.arc import check_no_leak, evaluate_arc, summary_line, write_attempts
+    from hf_ext.recipe import read_yaml_mapping
+
+    recipe_path = Path(options.model) / "recipe.yaml"
+    recipe = read_yaml_mapping(recipe_path) if recipe_path.is_file() else {}
+    if options.tasks_file:
+        tasks, subset = read_task_file(options.tasks_file), Path(options.tasks_file).name
+    else:
+        subset = options.subset or recipe.get("eval_subset") or "arc1_eval_equal_shape_max10"
+        tasks = load_subset(subset)
+    check_no_leak(options.model if Path(options.model).is_dir() else None, tasks)
+    model = AutoModelForSemanticSegmentation.from_pretrained(options.model)
+    if model.config.model_type != "arc_grid":
+        raise UserInputError(f"{options.model}: model_type {model.config.model_type}, expected arc_grid")
+    metrics, attempts = evaluate_arc(
+        model, tasks, subset, num_votes=options.num_votes or int(recipe.get("num_votes", 8)),
+        ttt_steps=options.ttt_steps, ttt_learning_rate=options.ttt_learning_rate,
+        canvas_margin=int(recipe.get("canvas_margin", 1)), max_context_pairs=int(recipe.get("max_context_pairs", 10)),
+        seed=options.seed,
+    )
+    print(f"{options.model} ({model.config.variant}): {summary_line(metrics)}")
+    if options.output:
+        Path(options.output).write_text(json.dumps({"model": options.model, "variant": model.config.variant, **metrics}, indent=2) + "\n")
+    if options.attempts:
+        write_attempts(options.attempts, attempts)
 
 
 def data_command(args: list[str]) -> None:

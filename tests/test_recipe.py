@@ -7,7 +7,7 @@ from hf_ext.errors import UserInputError
 from hf_ext.recipe import parse_recipe, split_overrides
 from tests.conftest import REPO, SMOLLM2
 
-SHIPPED = sorted(p for p in (REPO / "recipes").glob("*.yaml"))
+SHIPPED = sorted([*(REPO / "recipes").glob("*.yaml"), *(REPO / "recipes" / "arc").glob("*.yaml")])
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
@@ -19,7 +19,7 @@ def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
 BASE = f"stage: sft\nmodel_name_or_path: {SMOLLM2}\ntask: addition\nreport_to: none\n"
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_every_shipped_recipe_parses(path):
     recipe = parse_recipe(path)
     assert recipe.stage and recipe.training_args.output_dir
