@@ -5,7 +5,7 @@ shapes up to 30x30 share a batch; padded cells never enter attention or the loss
 
 - Grid variants (`encoder_decoder`, `grid2d`, `grid2d_perminv`, `champion`): an encoder over the input cells and a
   non-autoregressive decoder with one query per output-canvas cell (self-attention over the canvas, cross-attention
-  to the input cells). Each cell is classified as a colour or `PAD` ("outside the grid"): the predicted grid is the
+  to the input cells); input and output share the canvas, so query (r, c) starts from input cell (r, c)'s state. Each cell is classified as a colour or `PAD` ("outside the grid"): the predicted grid is the
   top-left block of non-pad cells, so the output shape is predicted too.
 - `decoder_only`: `[TASK/SEP] input rows (each ended by NEWLINE) [SEP] output rows [EOS]` with a causal mask; loss
   on the output tokens only; grids are decoded greedily with a KV cache.
@@ -372,7 +372,7 @@ class ArcGridModel(ArcGridPreTrainedModel):
 
         height, width = output_size or input_grids.shape[1:]
         queries = self.query_embedding.to(states.dtype) + cell_positions(self.config, height, width, states.device).to(states.dtype)
-        queries = queries.expand(batch, -1, -1)
+        queries = queries + self._aligned_input_states(encoder_states, cells, input_grids.shape[1:], (height, width))
         if task is not None:
             queries = queries + task
         context_states = None
@@ -387,6 +387,18 @@ class ArcGridModel(ArcGridPreTrainedModel):
         for layer in self.decoder_layers:
             hidden = layer(hidden, encoder_states=encoder_states, encoder_mask=encoder_mask)
         return ArcGridModelOutput(hidden, encoder_states, context_states)
+
+    @staticmethod
+    def _aligned_input_states(encoder_states, cells, input_size, output_size) -> torch.Tensor:
+        """`[B, H' * W', hidden]`: the encoder state of input cell (r, c) for output query (r, c), zero where the input
+        has no cell. Input and output share one canvas (as in VARC and TRM), so copying a cell is the easy default."""
+        batch, hidden = encoder_states.shape[0], encoder_states.shape[-1]
+        states = (encoder_states * (cells != PAD_TOKEN_ID)[..., None].to(encoder_states.dtype)).view(batch, *input_size, hidden)
+        height, width = output_size
+        aligned = states.new_zeros(batch, height, width, hidden)
+        rows, cols = min(height, input_size[0]), min(width, input_size[1])
+        aligned[:, :rows, :cols] = states[:, :rows, :cols]
+        return aligned.view(batch, height * width, hidden)
 
     def _forward_tokens(self, input_ids, attention_mask, position_ids, task_ids, past_key_values, use_cache) -> ArcGridModelOutput:
         if input_ids is None:
