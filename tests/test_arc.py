@@ -10,7 +10,7 @@ import torch
 
 import hf_ext  # noqa: F401
 from hf_ext.data import arc
-from hf_ext.data.arc import Augmentation, Example, GridCollator, Pair, Task
+from hf_ext.data.arc import Augmentation, Example, GridCollator, Pair
 from hf_ext.errors import UserInputError
 from hf_ext.models.arc_grid import ArcGridConfig, ArcGridForGridPrediction
 from tests.conftest import REPO, run_cli, run_without_hf_ext

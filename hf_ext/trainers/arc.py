@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import transformers
 
-from hf_ext.data.arc import Augmentation, Example, GridCollator, Task, load_subset, load_training_tasks
+from hf_ext.data.arc import Augmentation, Example, GridCollator, load_subset, load_training_tasks
 from hf_ext.errors import UserInputError
 from hf_ext.trainers.base import StageConfigMixin, StageTrainerMixin
 from hf_ext.trainers.pretrain import build_config, describe_model
