@@ -292,7 +292,7 @@ def arc_command(args: list[str]) -> None:
 
     import hf_ext  # noqa: F401  (registers arc_grid)
     from hf_ext.data.arc import load_subset, read_task_file
-    from hf_ext.eval.arc import check_no_leak, evaluate_arc, summary_line, write_attempts
+    from hf_ext.eval.arc import check_no_leak, evaluate_arc, summary_line, training_record, write_attempts
     from hf_ext.recipe import read_yaml_mapping
 
     recipe_path = Path(options.model) / "recipe.yaml"
@@ -302,12 +302,14 @@ def arc_command(args: list[str]) -> None:
     else:
         subset = options.subset or recipe.get("eval_subset") or "arc1_eval_equal_shape_max10"
         tasks = load_subset(subset)
-    check_no_leak(options.model if Path(options.model).is_dir() else None, tasks)
+    record = training_record(options.model if Path(options.model).is_dir() else None)
+    check_no_leak(record, options.model, tasks)
     model = AutoModelForSemanticSegmentation.from_pretrained(options.model)
     if model.config.model_type != "arc_grid":
         raise UserInputError(f"{options.model}: model_type {model.config.model_type}, expected arc_grid")
     metrics, attempts = evaluate_arc(
-        model, tasks, subset, num_votes=options.num_votes or int(recipe.get("num_votes", 8)),
+        model, tasks, subset, trained_tasks=record.get("tasks_trained_on"),
+        num_votes=options.num_votes or int(recipe.get("num_votes", 8)),
         ttt_steps=options.ttt_steps, ttt_learning_rate=options.ttt_learning_rate,
         canvas_margin=int(recipe.get("canvas_margin", 1)), max_context_pairs=int(recipe.get("max_context_pairs", 10)),
         seed=options.seed,

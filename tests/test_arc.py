@@ -382,3 +382,14 @@ def test_arc_recipe_errors(tmp_path):
     field = run_cli("hf-ext", "train", str(REPO / "recipes/arc/grid2d.yaml"), "--output_dir", str(tmp_path / "z"),
                     "--config_overrides", '{"variant": "grid3d"}')
     assert field.returncode == 2 and "variant must be one of" in field.stderr
+
+
+def test_protocol_is_named_from_the_tasks_trained_on():
+    from hf_ext.eval.arc import protocol_for
+
+    tasks = dict(list(arc.load_subset("arc1_eval_equal_shape_max10").items())[:2])
+    assert protocol_for(list(tasks), tasks, ttt_steps=0) == "ttt"  # e.g. trained without task-embedding rows
+    assert protocol_for([], tasks, ttt_steps=0) == "unseen"
+    assert protocol_for([], tasks, ttt_steps=5) == "ttt"
+    with pytest.raises(UserInputError, match="1 of 2 evaluated tasks were trained on"):
+        protocol_for(list(tasks)[:1], tasks, ttt_steps=0)

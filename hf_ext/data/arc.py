@@ -291,8 +291,9 @@ def score(tasks: dict[str, Task], attempts: dict[str, list[list[np.ndarray]]]) -
     per_output, per_task_mean, per_task_all, cells, shapes, copy_cells = [], [], [], [], [], []
     for task_id, task in tasks.items():
         results = []
+        per_test = attempts.get(task_id, [])
         for index, pair in enumerate(task.test):
-            guesses = attempts.get(task_id, [])[index] if index < len(attempts.get(task_id, [])) else []
+            guesses = per_test[index] if index < len(per_test) else []
             results.append(any(g.shape == pair.output.shape and (g == pair.output).all() for g in guesses))
             first = guesses[0] if guesses else None
             cells.append(cell_accuracy(first, pair.output))
@@ -325,9 +326,8 @@ def copy_baseline(tasks: dict[str, Task], padded: bool = False) -> float:
             if not padded:
                 values.append(cell_accuracy(pair.input, pair.output))
                 continue
-            a, b = (np.pad(g, ((0, MAX_SIDE - g.shape[0]), (0, MAX_SIDE - g.shape[1])), constant_values=PAD)
-                    for g in (pair.input, pair.output))
-            values.append(float((a == b).mean()))
+            padded_input, padded_output = pad_grids([pair.input, pair.output], MAX_SIDE, MAX_SIDE)
+            values.append(float((padded_input == padded_output).mean()))
     return float(np.mean(values))
 
 
@@ -395,9 +395,8 @@ class GridCollator:
                 h, w = self._canvas(grids) if self.pad_to_max_side else (max(g.shape[0] for g in grids), max(g.shape[1] for g in grids))
                 out = np.full((len(examples), pairs, h, w), PAD, dtype=np.int64)
                 for i, c in enumerate(context):
-                    for j, pair in enumerate(c):
-                        grid = getattr(pair, attr)
-                        out[i, j, : grid.shape[0], : grid.shape[1]] = grid
+                    if c:
+                        out[i, : len(c)] = pad_grids([getattr(p, attr) for p in c], h, w)
                 batch[key] = torch.from_numpy(out)
             batch["context_mask"] = torch.tensor([[j < len(c) for j in range(pairs)] for c in context])
         return batch

@@ -91,25 +91,30 @@ def predict_task(model, task: Task, row: int | None, augmentations: Sequence[Aug
     return results
 
 
-def protocol_for(model, tasks: dict[str, Task], ttt_steps: int) -> str:
-    """`ttt` when every evaluated task has a trained task-embedding row or is fine-tuned here, `unseen` when none."""
-    known = set(model.config.task_names or [])
+def protocol_for(trained_tasks: Sequence[str], tasks: dict[str, Task], ttt_steps: int) -> str:
+    """`ttt` when the demo pairs of every evaluated task were trained on (or are fine-tuned on here), `unseen` when
+    none were."""
+    known = set(trained_tasks)
     trained = [tid in known for tid in tasks]
     if ttt_steps > 0 or all(trained):
         return "ttt"
     if not any(trained):
         return "unseen"
     raise UserInputError(
-        f"{sum(trained)} of {len(tasks)} evaluated tasks have task embeddings in this model and the rest do not: "
+        f"{sum(trained)} of {len(tasks)} evaluated tasks were trained on by this model and the rest were not: "
         "evaluate the two groups separately (each under its own protocol) or pass --ttt_steps"
     )
 
 
-def check_no_leak(model_dir: str | Path | None, tasks: dict[str, Task]) -> None:
-    """Refuse to score tasks whose test outputs the checkpoint was trained on (its arc_training.json says so)."""
+def training_record(model_dir: str | Path | None) -> dict:
+    """The checkpoint's arc_training.json (which tasks it trained on, which with test outputs), or {}."""
     if model_dir is None or not (Path(model_dir) / TRAINING_RECORD).is_file():
-        return
-    record = json.loads((Path(model_dir) / TRAINING_RECORD).read_text())
+        return {}
+    return json.loads((Path(model_dir) / TRAINING_RECORD).read_text())
+
+
+def check_no_leak(record: dict, model_dir, tasks: dict[str, Task]) -> None:
+    """Refuse to score tasks whose test outputs the checkpoint was trained on (its training record says so)."""
     leaked = sorted(set(record.get("tasks_with_test_outputs", [])) & set(tasks))
     if leaked:
         raise UserInputError(
@@ -122,6 +127,7 @@ def evaluate_arc(
     model,
     tasks: dict[str, Task],
     subset: str,
+    trained_tasks: Sequence[str] | None = None,
     num_votes: int = 8,
     ttt_steps: int = 0,
     ttt_learning_rate: float = 1e-4,
@@ -131,10 +137,12 @@ def evaluate_arc(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[dict, dict[str, list[list[np.ndarray]]]]:
-    """Score `model` on `tasks` (the named `subset`): metrics (with protocol and subset names) and the attempts."""
+    """Score `model` on `tasks` (the named `subset`): metrics (with protocol and subset names) and the attempts.
+
+    `trained_tasks`: the tasks whose demo pairs the model was trained on (default: its task-embedding rows)."""
     from tqdm.auto import tqdm
 
-    protocol = protocol_for(model, tasks, ttt_steps)
+    protocol = protocol_for(model.config.task_names or [] if trained_tasks is None else trained_tasks, tasks, ttt_steps)
     rows = {name: i for i, name in enumerate(model.config.task_names or [])}
     collator = GridCollator(context=model.config.variant == "champion", margin=canvas_margin,
                             max_context_pairs=max_context_pairs)

@@ -223,15 +223,14 @@ def final_metrics(trainer) -> dict:
         return metrics
     output_dir = Path(args.output_dir)
     record = {"sources": list(args.arc_train_sources), "eval_subset": args.eval_subset, "protocol": args.protocol,
-              "tasks_with_test_outputs": list(tasks.with_test_outputs), "allow_overlap": args.allow_overlap}
+              "tasks_trained_on": list(tasks.names), "tasks_with_test_outputs": list(tasks.with_test_outputs),
+              "allow_overlap": args.allow_overlap}
     (output_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
     evaluation, attempts = evaluate_arc(
-        model, tasks.evaluated, args.eval_subset, num_votes=args.num_votes, ttt_steps=args.ttt_steps,
+        model, tasks.evaluated, args.eval_subset, trained_tasks=tasks.names, num_votes=args.num_votes, ttt_steps=args.ttt_steps,
         ttt_learning_rate=args.ttt_learning_rate, canvas_margin=args.canvas_margin,
         max_context_pairs=args.max_context_pairs, seed=args.seed,
     )
-    if not args.task_embedding and args.protocol == "ttt" and args.ttt_steps == 0:
-        evaluation["protocol"] = "ttt"  # trained on the eval demos without embedding rows: still transductive
     write_attempts(output_dir / "arc_attempts.json", attempts)
     metrics["arc_eval"] = evaluation
     trainer.log({f"arc/{k}": v for k, v in evaluation.items() if isinstance(v, float)})

@@ -279,8 +279,6 @@ class ArcGridModel(ArcGridPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    _input_embed_layer = "embed_tokens"
-
     def _task_vector(self, task_ids: torch.Tensor | None, batch: int, dtype) -> torch.Tensor | None:
         if self.task_embedding is None or task_ids is None:
             return None
@@ -444,14 +442,6 @@ class ArcGridForGridPrediction(ArcGridPreTrainedModel):
         else:
             self.cell_head = nn.Linear(hidden, NUM_CELL_CLASSES)
         self.post_init()
-
-    _input_embed_layer = "embed_tokens"
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
 
     @can_return_tuple
     def forward(
