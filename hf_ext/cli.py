@@ -281,9 +281,9 @@ def arc_command(args: list[str]) -> None:
     source.add_argument("--subset", help="named subset, e.g. arc1_eval_equal_shape_max10 (default: the recipe's eval_subset)")
     source.add_argument("--tasks_file", help="a JSON file of ARC tasks ({task_id: task}, or one task) with test outputs")
     parser.add_argument("--num_votes", type=int, help="augmented views voted per test input (default: the recipe's, else 8)")
-    parser.add_argument("--ttt_steps", type=int, default=0, help="per-task test-time fine-tuning steps on the demo pairs")
-    parser.add_argument("--ttt_learning_rate", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the extra colour permutations and TTT")
+    parser.add_argument("--ttt_steps", type=int, help="per-task test-time fine-tuning steps on the demo pairs (default: the recipe's, else 0)")
+    parser.add_argument("--ttt_learning_rate", type=float, help="(default: the recipe's, else 1e-4)")
+    parser.add_argument("--seed", type=int, help="seed of the extra colour permutations and TTT (default: the recipe's, else 0)")
     parser.add_argument("--output", help="write the metrics and settings as JSON to this file")
     parser.add_argument("--attempts", help="write the attempts in ARC Prize submission format to this file")
     options = parser.parse_args(args)
@@ -310,9 +310,10 @@ def arc_command(args: list[str]) -> None:
     metrics, attempts = evaluate_arc(
         model, tasks, subset, trained_tasks=record.get("tasks_trained_on"),
         num_votes=options.num_votes or int(recipe.get("num_votes", 8)),
-        ttt_steps=options.ttt_steps, ttt_learning_rate=options.ttt_learning_rate,
+        ttt_steps=int(recipe.get("ttt_steps", 0)) if options.ttt_steps is None else options.ttt_steps,
+        ttt_learning_rate=float(recipe.get("ttt_learning_rate", 1e-4)) if options.ttt_learning_rate is None else options.ttt_learning_rate,
         canvas_margin=int(recipe.get("canvas_margin", 1)), max_context_pairs=int(recipe.get("max_context_pairs", 10)),
-        seed=options.seed,
+        seed=int(recipe.get("seed", 0)) if options.seed is None else options.seed,
     )
     print(f"{options.model} ({model.config.variant}): {summary_line(metrics)}")
     if options.output:

@@ -323,7 +323,7 @@ def test_champion_save_load_gives_identical_predictions_with_and_without_hf_ext(
 TINY_ARC_RUN = [
     "--max_steps", "6", "--per_device_train_batch_size", "4", "--logging_steps", "2", "--save_steps", "3",
     "--arc_train_sources", "arc1_train_equal_shape_max10", "--eval_subset", "arc1_eval_equal_shape_max10",
-    "--augmentations_per_pair", "2", "--num_votes", "2",
+    "--augmentations_per_pair", "2", "--num_votes", "2", "--ttt_steps", "1",
     "--config_overrides", json.dumps({"variant": "champion", **TINY}),
 ]
 
@@ -335,6 +335,7 @@ def test_arc_stage_trains_evaluates_and_resumes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     evaluation = metrics["arc_eval"]
     assert evaluation["subset"] == "arc1_eval_equal_shape_max10" and evaluation["protocol"] == "ttt"
+    assert evaluation["ttt_steps"] == 1
     assert (evaluation["tasks"], evaluation["test_outputs"]) == (42, 45)
     assert evaluation["copy_cell_accuracy"] == pytest.approx(0.6726, abs=1e-3)
     assert metrics["train_tasks"] == 112 + 42 and metrics["global_step"] == 6
@@ -354,6 +355,7 @@ def test_arc_stage_trains_evaluates_and_resumes(tmp_path):
 
     scored = run_cli("hf-ext", "eval", "--task", "arc", "--model", str(out), "--num_votes", "1", "--output", str(tmp_path / "e.json"))
     assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads((tmp_path / "e.json").read_text())["ttt_steps"] == 1  # the recipe's TTT unless overridden
     assert "arc1_eval_equal_shape_max10 (42 tasks, 45 test outputs), protocol ttt" in scored.stdout
     leaked = run_cli("hf-ext", "eval", "--task", "arc", "--model", str(out), "--subset", "arc1_train_equal_shape_max10")
     assert leaked.returncode == 2 and "trained on the test outputs of 112 evaluated tasks" in leaked.stderr
@@ -393,3 +395,23 @@ def test_protocol_is_named_from_the_tasks_trained_on():
     assert protocol_for([], tasks, ttt_steps=5) == "ttt"
     with pytest.raises(UserInputError, match="1 of 2 evaluated tasks were trained on"):
         protocol_for(list(tasks)[:1], tasks, ttt_steps=0)
+
+
+def test_ttt_pair_repeats_oversample_evaluated_demos_and_never_put_the_query_in_its_context():
+    from hf_ext.trainers.arc import ArcPairDataset, _training_tasks
+
+    tasks = _training_tasks(("arc1_train_equal_shape_max10",), "arc1_eval_equal_shape_max10", "ttt", False)
+    source_pairs = sum(len(p) for name, p in zip(tasks.names, tasks.pairs) if name in tasks.with_test_outputs)
+    demo_pairs = sum(len(t.train) for t in tasks.evaluated.values())
+    once = ArcPairDataset(tasks, 1, 0, True, True, 30)
+    thrice = ArcPairDataset(tasks, 2, 0, True, True, 30, evaluated_pair_repeats=3)
+    assert len(once) == source_pairs + demo_pairs and len(thrice) == 2 * (source_pairs + 3 * demo_pairs)
+    for index in range(len(thrice.items)):
+        row, query = thrice.items[index]
+        example = thrice[index]
+        pairs = tasks.pairs[row]
+        assert example.task_index == row and len(example.context) == len(pairs) - 1
+        def cells(grids):  # invariant under dihedral transforms and permutations of colours 1-9
+            return sorted((g.size, int(np.count_nonzero(g))) for g in grids)
+        assert cells(g for c in example.context for g in (c.input, c.output)) == cells(
+            g for i, p in enumerate(pairs) if i != query for g in (p.input, p.output))

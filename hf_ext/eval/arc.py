@@ -173,7 +173,9 @@ def write_attempts(path: str | Path, attempts: dict[str, list[list[np.ndarray]]]
 def summary_line(metrics: dict) -> str:
     return (
         f"{metrics['subset']} ({metrics['tasks']} tasks, {metrics['test_outputs']} test outputs), protocol "
-        f"{metrics['protocol']}, {metrics['num_votes']} votes: pass@2 {100 * metrics['pass2_task_mean']:.1f}% "
+        f"{metrics['protocol']}, {metrics['num_votes']} votes"
+        + (f", {metrics['ttt_steps']} TTT steps per task" if metrics.get("ttt_steps") else "")
+        + f": pass@2 {100 * metrics['pass2_task_mean']:.1f}% "
         f"(task mean) / {100 * metrics['pass2_task_all']:.1f}% (all-or-nothing), cell accuracy "
         f"{100 * metrics['cell_accuracy']:.1f}% (copy-input baseline {100 * metrics['copy_cell_accuracy']:.1f}%), "
         f"shape accuracy {100 * metrics['shape_accuracy']:.1f}%"

@@ -69,6 +69,10 @@ class Config(StageConfigMixin, transformers.TrainingArguments):
     )
     task_embedding: bool = field(default=True, metadata={"help": "One learned embedding row per training task."})
     augmentations_per_pair: int = field(default=32, metadata={"help": "Augmented copies of each pair per epoch."})
+    ttt_pair_repeats: int = field(
+        default=1,
+        metadata={"help": "Protocol ttt: each evaluated task's demo pair appears this many times as often as a source pair."},
+    )
     augment_dihedral: bool = field(default=True, metadata={"help": "Random rotation/reflection of each task."})
     augment_colours: bool = field(default=True, metadata={"help": "Random permutation of colours 1-9 (0 fixed)."})
     max_context_pairs: int = field(default=10, metadata={"help": "Champion: most demo pairs in an example's context."})
@@ -81,7 +85,7 @@ class Config(StageConfigMixin, transformers.TrainingArguments):
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise UserInputError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        for name in ("augmentations_per_pair", "num_votes", "max_context_pairs"):
+        for name in ("augmentations_per_pair", "ttt_pair_repeats", "num_votes", "max_context_pairs"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ttt_steps < 0 or self.canvas_margin < 0:
@@ -125,12 +129,19 @@ def training_tasks(args: Config) -> TrainingTasks:
 
 class ArcPairDataset(torch.utils.data.Dataset):
     """Item i = pair (i mod #pairs) of its task as the query, the task's other pairs as context, under an augmentation
-    drawn from `(seed, i)`: reproducible and resumable, with `repeats` different augmentations of every pair."""
+    drawn from `(seed, i)`: reproducible and resumable, with `repeats` different augmentations of every pair
+    (`evaluated_pair_repeats` times more for the demo pairs of evaluated tasks, which have no test pairs to train on)."""
 
     def __init__(self, tasks: TrainingTasks, repeats: int, seed: int, dihedral: bool, colours: bool,
-                 max_context_pairs: int):
+                 max_context_pairs: int, evaluated_pair_repeats: int = 1):
         self.tasks = tasks
-        self.items = [(row, index) for row, pairs in enumerate(tasks.pairs) for index in range(len(pairs))]
+        sources = set(tasks.with_test_outputs)
+        self.items = [
+            (row, index)
+            for row, (name, pairs) in enumerate(zip(tasks.names, tasks.pairs))
+            for _ in range(1 if name in sources else evaluated_pair_repeats)
+            for index in range(len(pairs))
+        ]
         self.repeats, self.seed = repeats, seed
         self.dihedral, self.colours = dihedral, colours
         self.max_context_pairs = max_context_pairs
@@ -175,7 +186,7 @@ def build_datasets(script_args, training_args: Config, tokenizer=None) -> dict:
     tasks = training_tasks(training_args)
     train = ArcPairDataset(
         tasks, training_args.augmentations_per_pair, training_args.seed, training_args.augment_dihedral,
-        training_args.augment_colours, training_args.max_context_pairs,
+        training_args.augment_colours, training_args.max_context_pairs, training_args.ttt_pair_repeats,
     )
     if len(train) == 0:
         raise UserInputError("arc: no training pairs (arc_train_sources is empty and protocol is unseen)")
