@@ -307,13 +307,17 @@ def arc_command(args: list[str]) -> None:
     model = AutoModelForSemanticSegmentation.from_pretrained(options.model)
     if model.config.model_type != "arc_grid":
         raise UserInputError(f"{options.model}: model_type {model.config.model_type}, expected arc_grid")
+
+    def setting(name: str, default):
+        """The command line's value, else the model's recipe's, else `default`."""
+        value = getattr(options, name, None)
+        return type(default)(recipe.get(name, default)) if value is None else value
+
     metrics, attempts = evaluate_arc(
         model, tasks, subset, trained_tasks=record.get("tasks_trained_on"),
-        num_votes=options.num_votes or int(recipe.get("num_votes", 8)),
-        ttt_steps=int(recipe.get("ttt_steps", 0)) if options.ttt_steps is None else options.ttt_steps,
-        ttt_learning_rate=float(recipe.get("ttt_learning_rate", 1e-4)) if options.ttt_learning_rate is None else options.ttt_learning_rate,
-        canvas_margin=int(recipe.get("canvas_margin", 1)), max_context_pairs=int(recipe.get("max_context_pairs", 10)),
-        seed=int(recipe.get("seed", 0)) if options.seed is None else options.seed,
+        num_votes=options.num_votes or int(recipe.get("num_votes", 8)), ttt_steps=setting("ttt_steps", 0),
+        ttt_learning_rate=setting("ttt_learning_rate", 1e-4), canvas_margin=setting("canvas_margin", 1),
+        max_context_pairs=setting("max_context_pairs", 10), seed=setting("seed", 0),
     )
     print(f"{options.model} ({model.config.variant}): {summary_line(metrics)}")
     if options.output:
