@@ -576,25 +576,24 @@ def markdown(result: dict) -> str:
     if ratios.get(key) is not None:
         lines.append(f"| ours causal: per-token cost L={lengths[-1]} / L={lengths[0]} | {ratios[key]:.2f}x | "
                      f"<= {LENGTH_GOAL}x: {yes_no(goals['length_cost_met'])} |")
-    mamba2 = ratios["ours_over_mamba2_tokens_per_second"]
-    shown = ", ".join(f"{v:.2f}x (L={L})" for L, v in mamba2.items() if v is not None)
+    def per_length(values: dict, digits: int = 2) -> str:
+        return ", ".join(f"{v:.{digits}f}x (L={L})" for L, v in values.items() if v is not None)
+
+    shown = per_length(ratios["ours_over_mamba2_tokens_per_second"])
     if shown:
         lines.append(f"| ours causal / Mamba2 torch path, training tok/s | {shown} | "
                      f">= {MAMBA2_GOAL}x at every L: {yes_no(goals['ours_over_mamba2_met'])} |")
-    paired = ", ".join(f"{v:.2f}x (L={L})" for L, v in ratios["ours_over_mamba2_paired_median_of_round_ratios"].items()
-                       if v is not None)
+    paired = per_length(ratios["ours_over_mamba2_paired_median_of_round_ratios"])
     if paired:
         lines.append(f"| ours causal / Mamba2, median of the per-round ratios | {paired} | - |")
     loop = ratios[f"ours_over_mamba1_loop_tokens_per_second_L{LOOP_GOAL_LENGTH}"]
     if loop is not None:
         lines.append(f"| ours causal / Mamba-1 loop, training tok/s at L={LOOP_GOAL_LENGTH} | {loop:.0f}x | "
                      f">= {LOOP_GOAL:.0f}x: {yes_no(goals['ours_over_mamba1_loop_met'])} |")
-    mambapy = ", ".join(f"{v:.1f}x (L={L})" for L, v in ratios["ours_over_mamba1_mambapy_tokens_per_second"].items()
-                        if v is not None)
+    mambapy = per_length(ratios["ours_over_mamba1_mambapy_tokens_per_second"], digits=1)
     if mambapy:
         lines.append(f"| ours causal / Mamba-1 mambapy, training tok/s | {mambapy} | - |")
-    bidir = ", ".join(f"{v:.2f}x (L={L})" for L, v in ratios["bidirectional_over_causal_tokens_per_second"].items()
-                      if v is not None)
+    bidir = per_length(ratios["bidirectional_over_causal_tokens_per_second"])
     if bidir:
         lines.append(f"| ours bidirectional / ours causal, training tok/s | {bidir} | - |")
     d = result["decode"]
