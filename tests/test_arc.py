@@ -406,12 +406,14 @@ def test_ttt_pair_repeats_oversample_evaluated_demos_and_never_put_the_query_in_
     once = ArcPairDataset(tasks, 1, 0, True, True, 30)
     thrice = ArcPairDataset(tasks, 2, 0, True, True, 30, evaluated_pair_repeats=3)
     assert len(once) == source_pairs + demo_pairs and len(thrice) == 2 * (source_pairs + 3 * demo_pairs)
+
+    def cells(grids):  # invariant under dihedral transforms and permutations of colours 1-9
+        return sorted((g.size, int(np.count_nonzero(g))) for g in grids)
+
     for index in range(len(thrice.items)):
         row, query = thrice.items[index]
         example = thrice[index]
         pairs = tasks.pairs[row]
         assert example.task_index == row and len(example.context) == len(pairs) - 1
-        def cells(grids):  # invariant under dihedral transforms and permutations of colours 1-9
-            return sorted((g.size, int(np.count_nonzero(g))) for g in grids)
         assert cells(g for c in example.context for g in (c.input, c.output)) == cells(
             g for i, p in enumerate(pairs) if i != query for g in (p.input, p.output))
