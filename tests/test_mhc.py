@@ -245,7 +245,7 @@ def test_i8_equal_streams_stay_equal():
             module.base[:4].normal_()
             module.base[4:8] = 0.3  # uniform across streams
             module.base[8:].normal_()
-    hidden = model(tokens(), output_hidden_states=True).hidden_states
+    hidden = model(tokens(), output_hidden_states=True).hidden_streams
     for layer_streams in hidden:
         assert (layer_streams - layer_streams[:, :, :1]).abs().max() <= 1e-6
 
@@ -272,7 +272,10 @@ def test_i12_shapes():
     model = tiny_model()
     out = model(tokens(2, 7), output_hidden_states=True)
     assert out.logits.shape == (2, 7, VOCAB)
-    assert len(out.hidden_states) == 4 and all(h.shape == (2, 7, 4, 32) for h in out.hidden_states)
+    # transformers' layout for hidden_states; the n streams under their own name
+    assert len(out.hidden_states) == 4 and all(h.shape == (2, 7, 32) for h in out.hidden_states)
+    assert len(out.hidden_streams) == 4 and all(h.shape == (2, 7, 4, 32) for h in out.hidden_streams)
+    assert torch.equal(out.hidden_states[-1], model.model(tokens(2, 7)).last_hidden_state)
     assert model.model(tokens(2, 7)).last_hidden_state.shape == (2, 7, 32)
 
 
@@ -447,7 +450,7 @@ def test_i15_streams_spread_at_every_layer_after_training():
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    hidden = model(tokens(2, 16), output_hidden_states=True).hidden_states
+    hidden = model(tokens(2, 16), output_hidden_states=True).hidden_streams
     spreads = [stream_spread(h) for h in hidden[1:]]
     assert min(spreads) > 1e-4, spreads
 

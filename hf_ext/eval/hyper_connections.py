@@ -34,7 +34,7 @@ def hyper_connection_stats(model, input_ids: torch.Tensor, attention_mask: torch
     was_training = model.training
     model.eval()
     try:
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_streams
     finally:
         model.train(was_training)
         for hook in hooks:

@@ -18,7 +18,8 @@ shapes up to 30x30 share a batch; padded cells never enter attention or the loss
   decoder queries, and the context cells of each colour add to that colour's key (so colours seen only in the demo
   outputs can be predicted).
 
-Only torch and transformers are imported: this file is saved next to every checkpoint.
+Only torch and transformers are imported: this file is saved next to every checkpoint and runs under whichever
+transformers loads it, so it speaks both cache vocabularies of the supported range (see `CACHE_FIELD`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import can_return_tuple
 
 from .configuration_arc_grid import (
     EOS_TOKEN_ID,
@@ -46,44 +48,51 @@ from .configuration_arc_grid import (
 
 NUM_CELL_CLASSES = NUM_COLOURS + 1  # colours 0-9 and PAD
 
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`. The outputs below extend
+# transformers' own, so their cache field has the installed version's name; forwards take the cache under either name.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def take_cache(cache: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache passed as `cache=` or under the pre-5.24 name `past_key_values=` (removed from `kwargs`)."""
+    legacy = kwargs.pop("past_key_values", None)
+    if legacy is not None and cache is not None:
+        raise ValueError("pass the cache once: `cache` or `past_key_values`, not both")
+    return legacy if cache is None else cache
+
 
 @dataclass
-class ArcGridOutput(ModelOutput):
+class ArcGridOutput(CausalLMOutputWithPast):
     """
     loss (`torch.FloatTensor`, *optional*):
         Mean cross-entropy over the output canvas cells (grid variants) or the output tokens (`decoder_only`).
     logits (`torch.FloatTensor`):
         `[B, H, W, 11]` cell logits (colours 0-9, PAD) for the grid variants; `[B, L, 14]` token logits for
         `decoder_only`.
+    cache (`Cache`, *optional*; `past_key_values` before transformers 5.24):
+        `decoder_only` with `use_cache=True`.
     last_hidden_state (`torch.FloatTensor`):
         Final decoder states: `[B, H * W, hidden]` (grid variants) or `[B, L, hidden]` (`decoder_only`).
-    past_key_values (`Cache`, *optional*):
-        `decoder_only` with `use_cache=True`.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
 
 
 @dataclass
-class ArcGridModelOutput(ModelOutput):
+class ArcGridModelOutput(BaseModelOutputWithPast):
     """
     last_hidden_state (`torch.FloatTensor`):
         Final decoder states: `[B, H * W, hidden]` (grid variants) or `[B, L, hidden]` (`decoder_only`).
+    cache (`Cache`, *optional*; `past_key_values` before transformers 5.24):
+        `decoder_only` with `use_cache=True`.
     encoder_last_hidden_state (`torch.FloatTensor`, *optional*):
         Final states of the input cells `[B, H_in * W_in, hidden]` (grid variants).
     context_last_hidden_state (`torch.FloatTensor`, *optional*):
         Champion: final states of the demo-grid cells `[B, pairs * (h_in * w_in + h_out * w_out), hidden]`.
-    past_key_values (`Cache`, *optional*):
-        `decoder_only` with `use_cache=True`.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
     encoder_last_hidden_state: torch.FloatTensor | None = None
     context_last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
 
 
 def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -126,15 +135,15 @@ class ArcGridAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         key_value_states: torch.Tensor | None = None,
         same_colour: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         source = hidden_states if key_value_states is None else key_value_states
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(source).view(batch, source.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(source).view(batch, source.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         mask = attention_mask
         if self.same_colour_bias is not None and same_colour is not None:
             bias = same_colour[:, None].to(q.dtype) * self.same_colour_bias.to(q.dtype)[None, :, None, None]
@@ -176,9 +185,9 @@ class ArcGridLayer(GradientCheckpointingLayer):
         same_colour: torch.Tensor | None = None,
         encoder_states: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
-        attended = self.self_attn(self.self_attn_norm(hidden_states), attention_mask, None, same_colour, past_key_values)
+        attended = self.self_attn(self.self_attn_norm(hidden_states), attention_mask, None, same_colour, cache)
         hidden_states = hidden_states + self.dropout(attended)
         if encoder_states is not None:
             attended = self.cross_attn(self.cross_attn_norm(hidden_states), encoder_mask, encoder_states)
@@ -341,7 +350,7 @@ class ArcGridModel(ArcGridPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> ArcGridModelOutput:
@@ -354,11 +363,13 @@ class ArcGridModel(ArcGridPreTrainedModel):
             Rows of the task-embedding table (`num_tasks > 0`).
         context_inputs, context_outputs (`torch.LongTensor` of shape `(batch, pairs, h, w)`), context_mask (`(batch, pairs)` bool):
             Champion: the task's demonstration pairs (PAD-padded; pairs and grids may differ in shape).
-        input_ids, attention_mask, position_ids, past_key_values, use_cache:
-            `decoder_only`: the token sequence (see `ArcGridForGridPrediction.serialize`).
+        input_ids, attention_mask, position_ids, cache, use_cache:
+            `decoder_only`: the token sequence (see `ArcGridForGridPrediction.serialize`); `cache` is also taken as
+            `past_key_values`, its name before transformers 5.24.
         """
         if self.config.variant == "decoder_only":
-            return self._forward_tokens(input_ids, attention_mask, position_ids, task_ids, past_key_values, use_cache)
+            cache = take_cache(cache, kwargs)
+            return self._forward_tokens(input_ids, attention_mask, position_ids, task_ids, cache, use_cache)
         if input_grids is None:
             raise ValueError(f"variant {self.config.variant} needs input_grids [batch, H, W]")
         batch = input_grids.shape[0]
@@ -384,7 +395,9 @@ class ArcGridModel(ArcGridPreTrainedModel):
         hidden = queries
         for layer in self.decoder_layers:
             hidden = layer(hidden, encoder_states=encoder_states, encoder_mask=encoder_mask)
-        return ArcGridModelOutput(hidden, encoder_states, context_states)
+        return ArcGridModelOutput(
+            last_hidden_state=hidden, encoder_last_hidden_state=encoder_states, context_last_hidden_state=context_states
+        )
 
     @staticmethod
     def _aligned_input_states(encoder_states, cells, input_size, output_size) -> torch.Tensor:
@@ -398,16 +411,16 @@ class ArcGridModel(ArcGridPreTrainedModel):
         aligned[:, :rows, :cols] = states[:, :rows, :cols]
         return aligned.view(batch, height * width, hidden)
 
-    def _forward_tokens(self, input_ids, attention_mask, position_ids, task_ids, past_key_values, use_cache) -> ArcGridModelOutput:
+    def _forward_tokens(self, input_ids, attention_mask, position_ids, task_ids, cache, use_cache) -> ArcGridModelOutput:
         if input_ids is None:
             raise ValueError("variant decoder_only needs input_ids (ArcGridForGridPrediction.serialize builds them)")
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         states = self.embed_tokens(input_ids)
@@ -421,8 +434,8 @@ class ArcGridModel(ArcGridPreTrainedModel):
         diagonal[:, past:] = torch.eye(length, dtype=torch.bool, device=input_ids.device)
         mask = (keys & causal) | diagonal  # a padded query sees itself, so its (unused) state stays finite
         for layer in self.encoder_layers:
-            states = layer(states, attention_mask=mask, past_key_values=past_key_values)
-        return ArcGridModelOutput(self.encoder_norm(states), past_key_values=past_key_values if use_cache else None)
+            states = layer(states, attention_mask=mask, cache=cache)
+        return ArcGridModelOutput(last_hidden_state=self.encoder_norm(states), **{CACHE_FIELD: cache if use_cache else None})
 
 
 class ArcGridForGridPrediction(ArcGridPreTrainedModel):
@@ -456,7 +469,7 @@ class ArcGridForGridPrediction(ArcGridPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> ArcGridOutput:
@@ -475,12 +488,17 @@ class ArcGridForGridPrediction(ArcGridPreTrainedModel):
             else:
                 token_labels = labels
             outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 task_ids=task_ids, past_key_values=past_key_values, use_cache=use_cache)
+                                 task_ids=task_ids, cache=take_cache(cache, kwargs), use_cache=use_cache)
             logits = self.lm_head(outputs.last_hidden_state).float()
             loss = None
             if token_labels is not None:
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), token_labels[:, 1:].flatten(), ignore_index=-100)
-            return ArcGridOutput(loss, logits, outputs.last_hidden_state, outputs.past_key_values)
+            return ArcGridOutput(
+                loss=loss,
+                logits=logits,
+                last_hidden_state=outputs.last_hidden_state,
+                **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            )
 
         if labels is not None:
             output_size = tuple(labels.shape[1:])
@@ -500,7 +518,7 @@ class ArcGridForGridPrediction(ArcGridPreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), ignore_index=-100)
-        return ArcGridOutput(loss, logits, hidden)
+        return ArcGridOutput(loss=loss, logits=logits, last_hidden_state=hidden)
 
     # --- decoder_only token sequences ----------------------------------------------------------------------------
 
@@ -576,7 +594,7 @@ class ArcGridForGridPrediction(ArcGridPreTrainedModel):
         max_tokens = self.config.max_grid_size * (self.config.max_grid_size + 1) + 1
         step_ids = input_ids
         for _ in range(max_tokens):
-            out = self(input_ids=step_ids, attention_mask=attention_mask, task_ids=task_ids, past_key_values=cache, use_cache=True)
+            out = self(input_ids=step_ids, attention_mask=attention_mask, task_ids=task_ids, cache=cache, use_cache=True)
             log_probs = out.logits[:, -1].log_softmax(-1)
             log_probs[:, SEP_TOKEN_ID] = log_probs[:, PAD_TOKEN_ID] = float("-inf")
             best = log_probs.max(-1)

@@ -59,7 +59,7 @@ class MambaSSMConfig(PreTrainedConfig):
     """
 
     model_type = "mamba_ssm"
-    keys_to_ignore_at_inference = ["cache_params"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "cache_params"]  # the names across transformers 5.x
 
     vocab_size: int = 32
     hidden_size: int = 256

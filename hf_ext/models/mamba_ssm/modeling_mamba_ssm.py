@@ -20,27 +20,51 @@ The bidirectional mixer (Caduceus-style) adds a reverse scan over the flipped se
 
 Weights use the names and shapes of transformers' `Mamba2ForCausalLM`, so its checkpoints load unchanged.
 
-This file is copied next to every saved checkpoint, so it imports only torch, transformers and its own folder.
+This file is copied next to every saved checkpoint and runs under whichever transformers loads it, so it imports only
+torch, transformers and its own folder, and speaks both cache vocabularies of the supported range (see `CACHE_FIELD`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
 from .configuration_mamba_ssm import MambaSSMConfig
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache argument and output field (`past_key_values` / `cache_params`) to `cache`; 5.23
+# and older `generate` pass the cache back under the output's field name. Outputs carry the cache under the installed
+# version's field name and forwards take it under any of the three names.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def take_cache(cache, kwargs: dict):
+    """The cache passed as `cache=` or under a pre-5.24 name, `past_key_values=` / `cache_params=` (removed from
+    `kwargs`)."""
+    for name in ("past_key_values", "cache_params"):
+        legacy = kwargs.pop(name, None)
+        if legacy is not None:
+            if cache is not None:
+                raise ValueError(f"pass the cache once: `cache` or `{name}`, not both")
+            cache = legacy
+    return cache
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -195,35 +219,75 @@ def check_kernels(config: MambaSSMConfig) -> None:
 # Cache
 
 
-class MambaSSMCache:
+class MambaSSMCache(Cache):
     """Recurrent state of a causal `MambaSSMForCausalLM`, per layer: O(1) memory in the sequence length.
 
     - `conv_states[i]`: `[batch, conv_dim, conv_kernel - 1]`, the masked pre-conv inputs ending at each row's last
       real token (zeros before the start of the sequence);
     - `ssm_states[i]`: `[batch, num_heads, head_dim, state_size]`, fp32.
+
+    A `Cache` (so `generate` and its callers treat it as one) with its own per-layer storage rather than transformers'
+    `LinearAttentionLayer`: that layer caches the last `conv_kernel` inputs of the segment, while an exact right-padded
+    prefill needs the inputs ending at each row's last real token (`MambaSSMMixer.conv_context`; tested by
+    `test_right_padded_prefill_then_one_step_equals_each_row_alone`).
     """
 
     is_compileable = False
+    is_croppable = False  # a recurrent state cannot be rolled back (assisted decoding, deferred stop checks)
 
     def __init__(self, config: MambaSSMConfig):
+        super().__init__(layers=[])
         self.num_layers = config.num_hidden_layers
         self.conv_states: list[torch.Tensor | None] = [None] * self.num_layers
         self.ssm_states: list[torch.Tensor | None] = [None] * self.num_layers
         self.seen_tokens = 0
 
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __repr__(self) -> str:
+        return f"MambaSSMCache(num_layers={self.num_layers}, seen_tokens={self.seen_tokens})"
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        """Whether layer `layer_idx` (default: the first) already holds a state."""
+        return self.ssm_states[layer_idx or 0] is not None
+
     @property
-    def has_previous_state(self) -> bool:
-        return self.ssm_states[0] is not None
+    def is_initialized(self) -> bool:
+        return self.has_previous_state()
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [True] * self.num_layers
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: keep the states of the selected beams."""
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # no sequence axis
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("MambaSSMCache holds a recurrent state, which cannot be cropped")
+
+    def _select(self, select) -> None:
         for states in (self.conv_states, self.ssm_states):
             for i, state in enumerate(states):
                 if state is not None:
-                    states[i] = state.index_select(0, beam_idx.to(state.device))
+                    states[i] = select(state)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the states of the selected beams."""
+        self._select(lambda state: state.index_select(0, beam_idx.to(state.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda state: state.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(lambda state: state[indices])
 
     def reset(self) -> None:
         self.conv_states = [None] * self.num_layers
@@ -306,25 +370,26 @@ class MambaSSMMixer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache_params: MambaSSMCache | None = None,
+        cache: MambaSSMCache | None = None,
     ) -> torch.Tensor:
         z, xBC, dt_raw = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
         )
         mask = None if attention_mask is None else attention_mask.to(xBC.dtype).unsqueeze(-1)
-        if cache_params is not None and cache_params.has_previous_state and hidden_states.shape[1] == 1:
-            y = self.decode_step(xBC, dt_raw, mask, cache_params)
+        # This layer's own state decides: in the forward that fills the cache, earlier layers already hold theirs.
+        if cache is not None and cache.has_previous_state(self.layer_idx) and hidden_states.shape[1] == 1:
+            y = self.decode_step(xBC, dt_raw, mask, cache)
         else:
             conv_state = ssm_state = None
-            if cache_params is not None:
-                conv_state = cache_params.conv_states[self.layer_idx]
-                ssm_state = cache_params.ssm_states[self.layer_idx]
+            if cache is not None:
+                conv_state = cache.conv_states[self.layer_idx]
+                ssm_state = cache.ssm_states[self.layer_idx]
             y, conv_state, ssm_state = self.scan(
                 xBC, dt_raw, mask, self.conv1d, self.dt_bias, self.A_log, self.D, conv_state, ssm_state
             )
-            if cache_params is not None:
-                cache_params.conv_states[self.layer_idx] = conv_state
-                cache_params.ssm_states[self.layer_idx] = ssm_state
+            if cache is not None:
+                cache.conv_states[self.layer_idx] = conv_state
+                cache.ssm_states[self.layer_idx] = ssm_state
             if self.config.bidirectional:
                 # the reverse direction reads the flipped sequence; flipping moves right pads first, so the same
                 # masking keeps it exact
@@ -412,13 +477,13 @@ class MambaSSMMixer(nn.Module):
         return inputs.gather(2, index[:, None, :].expand(-1, inputs.shape[1], -1))
 
     def decode_step(
-        self, xBC: torch.Tensor, dt_raw: torch.Tensor, mask: torch.Tensor | None, cache_params: MambaSSMCache
+        self, xBC: torch.Tensor, dt_raw: torch.Tensor, mask: torch.Tensor | None, cache: MambaSSMCache
     ) -> torch.Tensor:
         """One new token per row: O(1) work, reading and updating the cache in place."""
         if mask is not None:
             xBC = xBC * mask
-        window = torch.cat([cache_params.conv_states[self.layer_idx].to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
-        cache_params.conv_states[self.layer_idx] = window[:, :, 1:]
+        window = torch.cat([cache.conv_states[self.layer_idx].to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
+        cache.conv_states[self.layer_idx] = window[:, :, 1:]
         xBC = (window * self.conv1d.weight.squeeze(1)).sum(dim=-1)
         if self.conv1d.bias is not None:
             xBC = xBC + self.conv1d.bias
@@ -431,8 +496,8 @@ class MambaSSMMixer(nn.Module):
             dt = dt * mask[:, 0]
         x = x.unflatten(-1, (self.num_heads, self.head_dim))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y, cache_params.ssm_states[self.layer_idx] = selective_state_step(
-                cache_params.ssm_states[self.layer_idx],
+            y, cache.ssm_states[self.layer_idx] = selective_state_step(
+                cache.ssm_states[self.layer_idx],
                 x,
                 dt,
                 -torch.exp(self.A_log.to(scan_dtype(x))),
@@ -465,34 +530,16 @@ class MambaSSMBlock(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache_params: MambaSSMCache | None = None,
+        cache: MambaSSMCache | None = None,
     ) -> torch.Tensor:
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
-        hidden_states = self.mixer(hidden_states, attention_mask=attention_mask, cache_params=cache_params)
+        hidden_states = self.mixer(hidden_states, attention_mask=attention_mask, cache=cache)
         return residual + self.dropout(hidden_states)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Models
-
-
-@dataclass
-class MambaSSMOutput(ModelOutput):
-    """`last_hidden_state` after the final norm; `cache_params` when `use_cache`; `hidden_states`: the embeddings and
-    every block's output (`num_hidden_layers + 1`) when `output_hidden_states`."""
-
-    last_hidden_state: torch.Tensor | None = None
-    cache_params: MambaSSMCache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class MambaSSMCausalLMOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache_params: MambaSSMCache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class MambaSSMPreTrainedModel(PreTrainedModel):
@@ -551,26 +598,28 @@ class MambaSSMModel(MambaSSMPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        cache_params: MambaSSMCache | None = None,
+        cache: MambaSSMCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> MambaSSMOutput:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
         r"""
         attention_mask (`torch.Tensor` of shape `(batch, seq)`, *optional*):
             1 for real tokens, 0 for padding (left or right). With a cache, either the mask of the new tokens only or
             of the whole sequence so far (its last `seq` columns are used).
-        cache_params (`MambaSSMCache`, *optional*):
-            The state after the previous tokens (causal models only); updated in place.
+        cache (`MambaSSMCache`, *optional*):
+            The state after the previous tokens (causal models only); updated in place. Also taken as
+            `past_key_values` / `cache_params`, the names before transformers 5.24.
         use_cache (`bool`, *optional*):
-            Return `cache_params` (created if not given). Defaults to `config.use_cache` in eval, `False` in training.
+            Return the cache (created if not given). Defaults to `config.use_cache` in eval, `False` in training.
         """
+        cache = take_cache(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if self.config.bidirectional and (use_cache or cache_params is not None):
+        if self.config.bidirectional and (use_cache or cache is not None):
             raise ValueError(
                 "a bidirectional mamba_ssm model reads the whole sequence in both directions: it has no recurrent cache "
-                "(pass use_cache=False, no cache_params)"
+                "(pass use_cache=False, no cache)"
             )
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -580,8 +629,8 @@ class MambaSSMModel(MambaSSMPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
-        if use_cache and cache_params is None:
-            cache_params = MambaSSMCache(self.config)
+        if use_cache and cache is None:
+            cache = MambaSSMCache(self.config)
         length = inputs_embeds.shape[1]
         if attention_mask is not None:
             attention_mask = attention_mask[:, -length:]
@@ -591,17 +640,15 @@ class MambaSSMModel(MambaSSMPreTrainedModel):
         hidden_states = self.embedding_dropout(inputs_embeds)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for block in self.layers:
-            hidden_states = block(hidden_states, attention_mask=attention_mask, cache_params=cache_params)
+            hidden_states = block(hidden_states, attention_mask=attention_mask, cache=cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm_f(hidden_states.to(self.norm_f.weight.dtype))
-        if cache_params is not None:
-            cache_params.seen_tokens += length
-        return MambaSSMOutput(
-            last_hidden_state=hidden_states,
-            cache_params=cache_params if use_cache or cache_params is not None else None,
-            hidden_states=all_hidden_states,
-        )
+        if cache is not None:
+            cache.seen_tokens += length
+        if output_hidden_states:  # as in transformers: the last entry is the normalised `last_hidden_state`
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache})
 
 
 class MambaSSMForCausalLM(MambaSSMPreTrainedModel, GenerationMixin):
@@ -625,19 +672,16 @@ class MambaSSMForCausalLM(MambaSSMPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids,
-        inputs_embeds=None,
-        use_cache=None,
-        cache_params: MambaSSMCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
     ):
+        # the cache stays in `kwargs` under whichever name the installed `generate` uses
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            cache_params=cache_params,
             attention_mask=attention_mask,
+            use_cache=use_cache,
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
@@ -651,13 +695,13 @@ class MambaSSMForCausalLM(MambaSSMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        cache_params: MambaSSMCache | None = None,
+        cache: MambaSSMCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> MambaSSMCausalLMOutput:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
             Next-token labels, shifted inside the model (`labels = input_ids` works); -100 is ignored.
@@ -666,7 +710,7 @@ class MambaSSMForCausalLM(MambaSSMPreTrainedModel, GenerationMixin):
             input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            cache_params=cache_params,
+            cache=take_cache(cache, kwargs),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
@@ -675,8 +719,8 @@ class MambaSSMForCausalLM(MambaSSMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return MambaSSMCausalLMOutput(
-            loss=loss, logits=logits, cache_params=outputs.cache_params, hidden_states=outputs.hidden_states
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
         )
 
 
@@ -710,8 +754,8 @@ class MambaSSMForMaskedLM(MambaSSMPreTrainedModel):
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         use_cache: bool | None = None,
-        cache_params: MambaSSMCache | None = None,
-        **kwargs,
+        cache: MambaSSMCache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
@@ -722,7 +766,7 @@ class MambaSSMForMaskedLM(MambaSSMPreTrainedModel):
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            cache_params=cache_params,
+            cache=take_cache(cache, kwargs),
             output_hidden_states=output_hidden_states,
         )
         logits = self.lm_head(outputs.last_hidden_state.to(self.lm_head.weight.dtype)).float()

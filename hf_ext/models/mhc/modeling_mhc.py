@@ -17,14 +17,18 @@ is stored in the "comb" frame, `comb = H_res^T`, and applied as `comb^T @ x`. In
 The embedding is copied into all `n` streams once; after the last layer the streams are collapsed once
 (`config.hc_collapse`), then normalised by the final RMSNorm and projected by `lm_head`.
 
-`output_hidden_states=True` returns `num_hidden_layers + 1` tensors of shape `[batch, seq, n, hidden]` (the
-expanded embedding, then every layer's streams); `last_hidden_state` is the collapsed, normalised `[batch, seq,
-hidden]`.
+`output_hidden_states=True` returns, as every transformers model does, `num_hidden_layers + 1` tensors of shape
+`[batch, seq, hidden]`: the embedding, then every layer's streams collapsed the way the head reads them (the last one
+is `last_hidden_state`, collapsed and normalised). The streams themselves, `[batch, seq, n, hidden]`, come under their
+own name, `hidden_streams`.
 
-This file is copied next to every saved checkpoint, so it imports only torch, transformers and its own folder.
+This file is copied next to every saved checkpoint and runs under whichever transformers loads it, so it imports only
+torch, transformers and its own folder, and speaks both cache vocabularies of the supported range (see `CACHE_FIELD`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +41,45 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mhc import MHCConfig
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (5.23 and older `generate`
+# still pass `past_key_values=`). Outputs carry the cache under the installed version's field name, forwards take it
+# under either name, and the attention layers get it under the installed name.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def take_cache(cache: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache passed as `cache=` or under the pre-5.24 name `past_key_values=` (removed from `kwargs`)."""
+    legacy = kwargs.pop("past_key_values", None)
+    if legacy is not None and cache is not None:
+        raise ValueError("pass the cache once: `cache` or `past_key_values`, not both")
+    return legacy if cache is None else cache
+
+
+@dataclass
+class MHCModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    hidden_streams (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+        The `n` residual streams `[batch, seq, n, hidden]`: the expanded embedding, then every layer's output.
+    """
+
+    hidden_streams: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MHCCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """
+    hidden_streams (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+        The `n` residual streams `[batch, seq, n, hidden]`: the expanded embedding, then every layer's output.
+    """
+
+    hidden_streams: tuple[torch.FloatTensor, ...] | None = None
 
 
 def sinkhorn(logits: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
@@ -184,18 +222,16 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        """`kwargs` carry the cache under `CACHE_FIELD` (the name `GradientCheckpointingLayer` and `LlamaAttention`
+        of the installed transformers read)."""
         post, comb, collapsed = self.attn_hc(hidden_states)
         attn_output, _ = self.self_attn(
             hidden_states=self.input_layernorm(collapsed),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
         )
@@ -212,13 +248,15 @@ class MHCPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MHCDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_FIELD]
     _keep_in_fp32_modules_strict = ["attn_hc", "ffn_hc", "hc_head"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_record_outputs = {"hidden_states": MHCDecoderLayer, "attentions": LlamaAttention}
+    # Hidden states are collected by the forward itself: transformers' layout is `[batch, seq, hidden]`, the streams
+    # `[batch, seq, n, hidden]` come as `hidden_streams`.
+    _can_record_outputs = {"attentions": LlamaAttention}
     # Mapping biases and gates take no weight decay (HC practice); hf_ext's trainers read this list.
     _no_weight_decay_patterns = [r"_hc\.(base|scale)$", r"hc_head\.hc_(base|scale)$"]
 
@@ -261,46 +299,57 @@ class MHCModel(MHCPreTrainedModel):
         return streams.sum(dim=-2) if self.config.hc_collapse == "sum" else streams.mean(dim=-2)
 
     @merge_with_config_defaults
-    @capture_outputs(tie_last_hidden_states=False)
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
+        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MHCModelOutputWithPast:
+        cache = take_cache(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        # positional: the cache argument's name differs across the supported transformers versions
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         layer_kwargs = dict(attention_mask=causal_mask, position_ids=position_ids, position_embeddings=position_embeddings)
 
         streams = self.expand_streams(inputs_embeds)
+        all_streams = (streams,) if output_hidden_states else None
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            streams = decoder_layer(streams, past_key_values=past_key_values, use_cache=use_cache, **layer_kwargs, **kwargs)
+            streams = decoder_layer(streams, use_cache=use_cache, **{CACHE_FIELD: cache}, **layer_kwargs, **kwargs)
+            if output_hidden_states:
+                all_streams += (streams,)
 
         hidden_states = self.norm(self.collapse_streams(streams))
         if self.training and not torch.isfinite(hidden_states).all():
             raise FloatingPointError(self.describe_non_finite(inputs_embeds, **layer_kwargs))
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        all_hidden_states = None
+        if output_hidden_states:
+            all_hidden_states = (inputs_embeds,) + tuple(self.collapse_streams(s) for s in all_streams[1:-1])
+            all_hidden_states += (hidden_states,)
+        return MHCModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            hidden_streams=all_streams,
+            **{CACHE_FIELD: cache},
+        )
 
     @torch.no_grad()
     def describe_non_finite(self, inputs_embeds: torch.Tensor, **layer_kwargs) -> str:
@@ -346,18 +395,18 @@ class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        outputs: BaseModelOutputWithPast = self.model(
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MHCCausalLMOutputWithPast:
+        outputs: MHCModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=take_cache(cache, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -367,13 +416,23 @@ class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return MHCCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            hidden_streams=outputs.hidden_streams,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
 
-__all__ = ["MHCPreTrainedModel", "MHCModel", "MHCForCausalLM", "MHCHyperConnection", "MHCHyperHead", "sinkhorn"]
+__all__ = [
+    "MHCCausalLMOutputWithPast",
+    "MHCForCausalLM",
+    "MHCHyperConnection",
+    "MHCHyperHead",
+    "MHCModel",
+    "MHCModelOutputWithPast",
+    "MHCPreTrainedModel",
+    "sinkhorn",
+]
