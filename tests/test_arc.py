@@ -13,6 +13,7 @@ from hf_ext.data import arc
 from hf_ext.data.arc import Augmentation, Example, GridCollator, Pair
 from hf_ext.errors import UserInputError
 from hf_ext.models.arc_grid import ArcGridConfig, ArcGridForGridPrediction
+from hf_ext.models.arc_grid.modeling_arc_grid import CACHE_FIELD
 from tests.conftest import REPO, run_cli, run_without_hf_ext
 
 VARIANTS = ("decoder_only", "encoder_decoder", "grid2d", "grid2d_perminv", "champion")
@@ -243,10 +244,10 @@ def test_decoder_only_cached_decoding_equals_full_forward_and_batched_equals_one
     full = model(input_ids=input_ids, attention_mask=attention_mask, task_ids=batch["task_ids"]).logits
     cut = 20
     first = model(input_ids=input_ids[:, :cut], attention_mask=attention_mask[:, :cut], task_ids=batch["task_ids"], use_cache=True)
-    cache, steps = first.past_key_values, [first.logits]
+    cache, steps = getattr(first, CACHE_FIELD), [first.logits]
     for t in range(cut, 30):
         out = model(input_ids=input_ids[:, t: t + 1], attention_mask=attention_mask[:, : t + 1], task_ids=batch["task_ids"],
-                    past_key_values=cache, use_cache=True)
+                    cache=cache, use_cache=True)
         steps.append(out.logits)
     assert torch.allclose(torch.cat(steps, 1), full[:, :30], atol=1e-5)
     together = model.predict(batch["input_grids"], task_ids=batch["task_ids"])

@@ -42,6 +42,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
 )
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.mamba2.modeling_mamba2 import Mamba2RMSNorm, MambaRMSNormGated
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
@@ -296,37 +297,7 @@ class MambaSSMCache(Cache):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Modules
-
-
-class MambaSSMRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
-class MambaSSMGatedRMSNorm(nn.Module):
-    """`RMSNorm(y * silu(z))` with the RMS taken per group of `intermediate_size / n_groups` channels (as Mamba2)."""
-
-    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-        self.group_size = group_size
-
-    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        input_dtype = gate.dtype
-        hidden_states = hidden_states.float() * F.silu(gate.float())
-        groups = hidden_states.unflatten(-1, (-1, self.group_size))
-        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * groups.flatten(-2).to(input_dtype)
+# Modules (the norms are transformers' Mamba2 ones: the block RMSNorm and the per-group gated RMSNorm)
 
 
 class MambaSSMMixer(nn.Module):
@@ -361,7 +332,7 @@ class MambaSSMMixer(nn.Module):
             self.dt_bias_rev = nn.Parameter(torch.empty(self.num_heads))
             self.A_log_rev = nn.Parameter(torch.empty(self.num_heads))
             self.D_rev = nn.Parameter(torch.empty(self.num_heads))
-        self.norm = MambaSSMGatedRMSNorm(
+        self.norm = MambaRMSNormGated(
             self.intermediate_size, self.intermediate_size // self.n_groups, eps=config.layer_norm_epsilon
         )
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
@@ -522,7 +493,7 @@ class MambaSSMBlock(GradientCheckpointingLayer):
         super().__init__()
         self.layer_idx = layer_idx
         self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = MambaSSMRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.norm = Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = MambaSSMMixer(config, layer_idx=layer_idx)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -578,7 +549,7 @@ class MambaSSMPreTrainedModel(PreTrainedModel):
             init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
             if config.rescale_prenorm_residual:
                 module.out_proj.weight /= math.sqrt(config.num_hidden_layers)
-        elif isinstance(module, (MambaSSMRMSNorm, MambaSSMGatedRMSNorm)):
+        elif isinstance(module, (Mamba2RMSNorm, MambaRMSNormGated)):
             init.ones_(module.weight)
 
 
@@ -588,7 +559,7 @@ class MambaSSMModel(MambaSSMPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.layers = nn.ModuleList([MambaSSMBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
-        self.norm_f = MambaSSMRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.norm_f = Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -772,7 +743,7 @@ class MambaSSMForMaskedLM(MambaSSMPreTrainedModel):
         logits = self.lm_head(outputs.last_hidden_state.to(self.lm_head.weight.dtype)).float()
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(logits.device), ignore_index=-100)
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
@@ -822,7 +793,7 @@ class MambaSSMForSequenceClassification(MambaSSMPreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         pooled = self.pool(outputs.last_hidden_state, attention_mask)
-        logits = self.score(pooled.to(self.score.weight.dtype)).float()
+        logits = self.score(pooled).float()  # pooled has the backbone dtype; `score` may be 4-bit (uint8 weight)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
