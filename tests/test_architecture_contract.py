@@ -82,7 +82,7 @@ class Case:
     name: str
     build: Callable[[dict], torch.nn.Module]  # config overrides -> model in eval mode
     auto_class: type  # the Auto class of the head; `AutoModel` must load the backbone too
-    inputs: Callable[[], dict] = token_inputs
+    inputs: Callable[[], dict] | None = None  # default: token_inputs over `vocab`
     train_labels: Callable[[dict], dict] = lambda inputs: {"labels": inputs["input_ids"]}
     generates: bool = False  # causal LM: the generation contract applies
     tokens: bool = True  # takes input_ids / attention_mask (padding, hidden states, embeddings resizing)
@@ -91,9 +91,11 @@ class Case:
     hidden_states: bool = True  # `output_hidden_states` gives one `[batch, seq, hidden]` tensor per layer + embeddings
     remote_code: bool = True  # hf_ext's own: saved with its modeling code
     wider: dict = None  # overrides for the QLoRA row: bitsandbytes' CPU 4-bit path wants 64-wide layers
+    vocab: int = VOCAB  # token ids the inputs and prompts draw from
 
     def __post_init__(self):
         self.wider = self.wider or {"hidden_size": 64, "intermediate_size": 128}
+        self.inputs = self.inputs or (lambda: token_inputs(vocab=self.vocab))
 
 
 LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -126,7 +128,7 @@ CASES = [
          AutoModelForSequenceClassification, train_labels=lambda inputs: {"labels": torch.tensor([0, 2])},
          wider=MAMBA_WIDER),
     Case("arc_grid decoder_only", seeded(ArcGridForGridPrediction, ArcGridConfig, **ARC, variant="decoder_only"),
-         AutoModelForSemanticSegmentation, inputs=lambda: token_inputs(vocab=10), hidden_states=False),
+         AutoModelForSemanticSegmentation, vocab=10, generates=True, hidden_states=False),
 ] + [
     Case(f"arc_grid {variant}", seeded(ArcGridForGridPrediction, ArcGridConfig, **ARC, variant=variant),
          AutoModelForSemanticSegmentation, inputs=lambda champion=variant == "champion": grid_inputs(champion),
@@ -159,19 +161,19 @@ def generate(model, input_ids, attention_mask=None, new_tokens: int = 5, **kwarg
 @pytest.mark.parametrize("case", cases(generates=True))
 def test_cached_generation_logits_equal_the_full_forward(case, mode, prompt_length):
     model = case.build({})
-    ids = token_inputs(2, prompt_length, seed=prompt_length)["input_ids"]
+    ids = token_inputs(2, prompt_length, seed=prompt_length, vocab=case.vocab)["input_ids"]
     torch.manual_seed(7)
     out = generate(model, ids, do_sample=mode == "sample", top_k=10 if mode == "sample" else None)
     assert out.sequences.shape == (2, prompt_length + 5)
     stepped = torch.stack(out.logits, dim=1)
-    full = model(out.sequences).logits[:, prompt_length - 1 : -1]
+    full = model(input_ids=out.sequences).logits[:, prompt_length - 1 : -1]
     torch.testing.assert_close(stepped, full, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("case", cases(generates=True))
 def test_beam_search_with_the_cache_equals_without(case):
     model = case.build({})
-    ids = token_inputs(2, 4, seed=3)["input_ids"]
+    ids = token_inputs(2, 4, seed=3, vocab=case.vocab)["input_ids"]
     kwargs = dict(num_beams=3, do_sample=False, output_scores=True)
     cached, uncached = generate(model, ids, **kwargs), generate(model, ids, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
@@ -181,7 +183,7 @@ def test_beam_search_with_the_cache_equals_without(case):
 @pytest.mark.parametrize("case", cases(generates=True))
 def test_left_padded_batched_generation_equals_one_by_one(case):
     model = case.build({})
-    prompts = [token_inputs(1, n, seed=n)["input_ids"][0] for n in (3, 7)]
+    prompts = [token_inputs(1, n, seed=n, vocab=case.vocab)["input_ids"][0] for n in (3, 7)]
     ids, mask = padded(prompts, "left")
     together = generate(model, ids, mask)
     for row, prompt in enumerate(prompts):
@@ -195,9 +197,11 @@ def test_generate_returns_a_standard_cache(case):
     from transformers.cache_utils import Cache
 
     model = case.build({})
-    out = generate(model, token_inputs(1, 3)["input_ids"], output_hidden_states=True, output_scores=True)
-    assert isinstance(out.past_key_values if CACHE_FIELD == "past_key_values" else out.cache, Cache)
-    assert len(out.hidden_states) == 5 and out.hidden_states[0][-1].shape[-1] == model.config.hidden_size
+    out = generate(model, token_inputs(1, 3, vocab=case.vocab)["input_ids"], output_hidden_states=True, output_scores=True)
+    assert isinstance(cache_of(out), Cache)
+    assert len(out.scores) == 5
+    if case.hidden_states:
+        assert len(out.hidden_states) == 5 and out.hidden_states[0][-1].shape[-1] == model.config.hidden_size
 
 
 # ---------------------------------------------------------------------------------------------------- padding
@@ -217,8 +221,7 @@ def padded(sequences: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize("case", cases(tokens=True))
 def test_padded_batch_logits_equal_one_by_one(case, side):
     model = case.build({})
-    vocab = 10 if case.name.startswith("arc") else VOCAB
-    sequences = [token_inputs(1, n, seed=n, vocab=vocab)["input_ids"][0] for n in (4, 9, 6)]
+    sequences = [token_inputs(1, n, seed=n, vocab=case.vocab)["input_ids"][0] for n in (4, 9, 6)]
     ids, mask = padded(sequences, side)
     extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if accepts(model, "position_ids") else {}
     if case.name.startswith("arc"):

@@ -8,7 +8,7 @@ shapes up to 30x30 share a batch; padded cells never enter attention or the loss
   to the input cells); input and output share the canvas, so query (r, c) starts from input cell (r, c)'s state. Each cell is classified as a colour or `PAD` ("outside the grid"): the predicted grid is the
   top-left block of non-pad cells, so the output shape is predicted too.
 - `decoder_only`: `[TASK/SEP] input rows (each ended by NEWLINE) [SEP] output rows [EOS]` with a causal mask; loss
-  on the output tokens only; grids are decoded greedily with a KV cache.
+  on the output tokens only; grids are decoded greedily by transformers' `generate` (KV cache, SEP and PAD suppressed).
 - Colour-permutation-equivariant variants (`grid2d_perminv`, `champion`): a cell's embedding only says background
   (0), colour (1-9) or pad; attention gets a learned per-head bias between cells of the same colour; the logit of
   colour k at an output cell is a dot product with a key pooled from the cells of colour k. Relabelling colours 1-9
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
@@ -438,15 +439,17 @@ class ArcGridModel(ArcGridPreTrainedModel):
         return ArcGridModelOutput(last_hidden_state=self.encoder_norm(states), **{CACHE_FIELD: cache if use_cache else None})
 
 
-class ArcGridForGridPrediction(ArcGridPreTrainedModel):
+class ArcGridForGridPrediction(ArcGridPreTrainedModel, GenerationMixin):
     """The ARC model with its output head: cell logits (grid variants) or token logits (`decoder_only`), the loss,
-    and `predict` (grids + confidence scores)."""
+    and `predict` (grids + confidence scores). `decoder_only` decodes with transformers' `generate`; the grid
+    variants predict every cell at once and do not generate."""
 
     def __init__(self, config: ArcGridConfig):
         super().__init__(config)
         self.model = ArcGridModel(config)
         hidden = config.hidden_size
         if config.variant == "decoder_only":
+            self.main_input_name = "input_ids"  # `generate` reads the prompt under this name
             self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
         elif config.equivariant_colours:
             self.cell_head = nn.Linear(hidden, 2)  # background (0) and PAD logits
@@ -455,6 +458,18 @@ class ArcGridForGridPrediction(ArcGridPreTrainedModel):
         else:
             self.cell_head = nn.Linear(hidden, NUM_CELL_CLASSES)
         self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the forward creates its `DynamicCache` (`generate`'s needs `num_hidden_layers` in the config)
+
+    def generate(self, *args, **kwargs):
+        if self.config.variant != "decoder_only":
+            raise ValueError(
+                f"arc_grid variant {self.config.variant!r} predicts every output cell at once and does not generate: "
+                "use predict(input_grids, ...); only variant 'decoder_only' decodes token by token"
+            )
+        return super().generate(*args, **kwargs)
 
     @can_return_tuple
     def forward(
@@ -560,7 +575,7 @@ class ArcGridForGridPrediction(ArcGridPreTrainedModel):
 
         Grid variants fill an `output_size` canvas (default: the input canvas) and read the grid off as the top-left
         block of non-PAD cells (height from column 0, width from row 0); `decoder_only` decodes up to
-        `max_grid_size * (max_grid_size + 1) + 1` tokens with a KV cache. A malformed result (empty, ragged rows)
+        `max_grid_size * (max_grid_size + 1) + 1` tokens with `generate`. A malformed result (empty, ragged rows)
         is `None`."""
         if self.config.variant == "decoder_only":
             return self._generate_grids(input_grids, inputs.get("task_ids"))
@@ -579,35 +594,35 @@ class ArcGridForGridPrediction(ArcGridPreTrainedModel):
         return results
 
     def _generate_grids(self, input_grids: torch.Tensor, task_ids: torch.Tensor | None) -> list:
+        """`decoder_only`: left-padded prompts, greedy `generate` (never SEP or PAD), each row cut after its EOS and
+        scored by the mean log-probability of its tokens under the unrestricted softmax."""
         prompts = [self.prompt_tokens(grid) for grid in input_grids]
         length = max(len(p) for p in prompts)
-        batch = len(prompts)
-        input_ids = torch.full((batch, length), PAD_TOKEN_ID, device=input_grids.device)
-        attention_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        input_ids = torch.full((len(prompts), length), PAD_TOKEN_ID, device=input_grids.device)
+        attention_mask = torch.zeros_like(input_ids)
         for i, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
             input_ids[i, length - len(prompt):] = prompt
-            attention_mask[i, length - len(prompt):] = True
-        cache = DynamicCache()
-        generated = [[] for _ in range(batch)]
-        scores = torch.zeros(batch, device=input_grids.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=input_grids.device)
-        max_tokens = self.config.max_grid_size * (self.config.max_grid_size + 1) + 1
-        step_ids = input_ids
-        for _ in range(max_tokens):
-            out = self(input_ids=step_ids, attention_mask=attention_mask, task_ids=task_ids, cache=cache, use_cache=True)
-            log_probs = out.logits[:, -1].log_softmax(-1)
-            log_probs[:, SEP_TOKEN_ID] = log_probs[:, PAD_TOKEN_ID] = float("-inf")
-            best = log_probs.max(-1)
-            for i in range(batch):
-                if not done[i]:
-                    generated[i].append(int(best.indices[i]))
-                    scores[i] += best.values[i]
-            done |= best.indices == EOS_TOKEN_ID
-            if done.all():
-                break
-            step_ids = best.indices[:, None]
-            attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids, dtype=torch.bool)], 1)
-        return [(self.tokens_to_grid(tokens), float(scores[i]) / max(len(tokens), 1)) for i, tokens in enumerate(generated)]
+            attention_mask[i, length - len(prompt):] = 1
+        out = self.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            task_ids=task_ids,
+            max_new_tokens=self.config.max_grid_size * (self.config.max_grid_size + 1) + 1,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=EOS_TOKEN_ID,
+            pad_token_id=PAD_TOKEN_ID,
+            suppress_tokens=[SEP_TOKEN_ID, PAD_TOKEN_ID],
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_tokens = out.sequences[:, length:]
+        log_probs = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, new_tokens[..., None])[..., 0]
+        results = []
+        for tokens, token_log_probs in zip(new_tokens.tolist(), log_probs):
+            count = tokens.index(EOS_TOKEN_ID) + 1 if EOS_TOKEN_ID in tokens else len(tokens)
+            results.append((self.tokens_to_grid(tokens[:count]), float(token_log_probs[:count].sum()) / max(count, 1)))
+        return results
 
     @staticmethod
     def tokens_to_grid(tokens: list[int]) -> torch.Tensor | None:

@@ -195,7 +195,11 @@ _KERNELS: dict | None = None
 
 
 def load_kernels() -> dict | None:
-    """`mamba-ssm` / `causal-conv1d` kernels, imported once; `None` when either is missing."""
+    """`mamba-ssm` / `causal-conv1d` kernels, imported once; `None` when either is missing.
+
+    Our own loader rather than transformers' `lazy_load_kernel`: that one fetches kernels from the Hub at run time
+    when the `kernels` package is installed, and its API differs between transformers releases; this file must run
+    offline under every supported version, so it only imports what is installed (the `hf_ext[kernels]` extra)."""
     global _KERNELS
     if _KERNELS is None:
         try:
