@@ -49,7 +49,7 @@ def build(kind: str, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_ext.trainers.arc import load_model
+    from hf_ext.trainers.arc import ArcStage
 
     torch.manual_seed(seed)
     if kind == "llama":
@@ -59,18 +59,18 @@ def build(kind: str, seed: int):
                              max_position_embeddings=2048, pad_token_id=10, bos_token_id=11, eos_token_id=13,
                              attn_implementation="sdpa")
         return LlamaForCausalLM(config)
-    return load_model(recipe(kind))
+    return ArcStage().load_model(recipe(kind))
 
 
 def real_batches(count: int, seed: int) -> dict[str, list[dict]]:
     """`count` batches of the recipe's training examples per input layout (with / without demo context)."""
     from hf_ext.data.arc import GridCollator
-    from hf_ext.trainers.arc import build_datasets
+    from hf_ext.trainers.arc import ArcStage
 
     import numpy as np
 
     args = recipe("champion").training_args
-    dataset = build_datasets(None, args)["train"]
+    dataset = ArcStage().build_datasets(None, args)["train"]
     order = np.random.default_rng(seed).permutation(len(dataset))[: count * BATCH]
     examples = [dataset[int(i)] for i in order]
     chunks = [examples[i * BATCH: (i + 1) * BATCH] for i in range(count)]

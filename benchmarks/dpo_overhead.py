@@ -50,7 +50,7 @@ def build_trainer(kind: str, steps: int, batch_size: int, output_dir: str):
             "chosen_ids": [messages.response_ids(p, c, tokenizer) for p, c in zip(pairs["prompt"], pairs["chosen"])],
             "rejected_ids": [messages.response_ids(p, r, tokenizer) for p, r in zip(pairs["prompt"], pairs["rejected"])],
         })
-        return dpo.Trainer(model=model, args=dpo.Config(**common), train_dataset=encoded, processing_class=tokenizer,
+        return dpo.HfExtDPOTrainer(model=model, args=dpo.HfExtDPOConfig(**common), train_dataset=encoded, processing_class=tokenizer,
                            peft_config=peft_config(model_args))
     chat = Dataset.from_dict({
         "prompt": [[{"role": "user", "content": p}] for p in pairs["prompt"]],

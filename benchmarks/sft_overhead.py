@@ -68,7 +68,7 @@ def build_trainer(kind: str, steps: int, batch_size: int, output_dir: str, quant
     model = load_model(model_args)
     if kind == "hf_ext":
         dataset = encode_dataset(rows, FORMATS["messages"], tokenizer, 256, "addition")
-        return sft.Trainer(model=model, args=sft.Config(**common), train_dataset=dataset,
+        return sft.HfExtSFTTrainer(model=model, args=sft.HfExtSFTConfig(**common), train_dataset=dataset,
                            processing_class=tokenizer, peft_config=peft_config(model_args))
     chat = Dataset.from_dict({
         "prompt": [[{"role": "user", "content": p}] for p in rows["prompt"]],

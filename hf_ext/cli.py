@@ -4,8 +4,10 @@
     hf-ext eval --model PATH[,PATH...] [--task NAME] [--judge PATH] [--num_examples N] ...
     hf-ext eval --task antibody_design --model PATH [--baseline FILE | --write_baseline FILE] ...
     hf-ext eval --task arc --model PATH [--subset NAME | --tasks_file FILE] [--num_votes N] [--ttt_steps N] ...
-    hf-ext data generate-sft|make-pairs|manifest ...
+    hf-ext data generate-sft|make-pairs|manifest|train-tokenizer ...
     hf-ext pipeline recipes/pipelines/stage1.yaml
+
+`hf-ext train --help` lists the stages; `hf-ext train RECIPE.yaml --help` lists every key the recipe's stage accepts.
 
 `hf-ext train` runs the recipe in this process, or, when the recipe sets `num_processes` > 1 or `accelerate_config`
 or accelerate flags follow `--`, relaunches exactly `accelerate launch [flags] -m hf_ext.train RECIPE [overrides]`.
@@ -65,6 +67,26 @@ def _under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCH" in os.environ
 
 
+TRAIN_USAGE = "usage: hf-ext train RECIPE.yaml [--key value ...] [-- accelerate flags]"
+
+
+def train_help(recipe_path: str | None) -> str:
+    """`hf-ext train --help` (the stages) or `hf-ext train RECIPE --help` (the keys of the recipe's stage)."""
+    from hf_ext.recipe import describe_keys, read_yaml_mapping
+    from hf_ext.trainers import STAGES, get_stage
+
+    if recipe_path is None:
+        lines = [TRAIN_USAGE, "", "Runs one recipe (a YAML file whose key `stage` names the trainer). Stages:"]
+        for name in STAGES:
+            lines.append(f"  {name:<10} {type(get_stage(name)).__doc__.strip().splitlines()[0]}")
+        lines += ["", "hf-ext train RECIPE.yaml --help lists every key of the recipe's stage (type, default, help)."]
+        return "\n".join(lines)
+    stage = read_yaml_mapping(recipe_path).get("stage")
+    if stage not in STAGES:
+        raise UserInputError(f"{recipe_path}: key 'stage' must be one of {', '.join(STAGES)}, got {stage!r}")
+    return describe_keys(stage)
+
+
 def train_command(args: list[str]) -> None:
     from hf_ext.train import apply_env, run
 
@@ -72,8 +94,11 @@ def train_command(args: list[str]) -> None:
     if "--" in args:
         split = args.index("--")
         args, launcher_flags = args[:split], args[split + 1 :]
+    if "-h" in args or "--help" in args:
+        print(train_help(args[0] if args and not args[0].startswith("-") else None))
+        return
     if not args or args[0].startswith("-"):
-        raise UserInputError("usage: hf-ext train RECIPE.yaml [--key value ...] [-- accelerate flags]")
+        raise UserInputError(TRAIN_USAGE)
     recipe_path, overrides = args[0], args[1:]
     apply_env(recipe_path)
 
@@ -473,12 +498,17 @@ COMMANDS = {"train": train_command, "eval": eval_command, "data": data_command, 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print("\n\n".join(__doc__.strip().split("\n\n")[1:3]))  # usage on stdout, as argparse does
+        sys.exit(0)
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip().split("\n\n")[1] if argv[:1] in ([], ["-h"], ["--help"]) else f"hf-ext: unknown command {argv[0]!r}", file=sys.stderr)
-        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+        usage = __doc__.strip().split("\n\n")[1]
+        print(usage if not argv else f"hf-ext: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
+        sys.exit(2)
     import logging
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hf_ext").setLevel(logging.INFO)  # hf_ext's own results and summary; libraries stay at WARNING
     try:
         COMMANDS[argv[0]](argv[1:])
     except UserInputError as error:

@@ -4,7 +4,7 @@ A recipe is a flat mapping of the fields of `ScriptArguments`, the stage's TRL c
 `ModelConfig`, plus the reserved keys `stage`, `accelerate_config`, `num_processes` and `env`. Command-line
 `--key value` pairs override the YAML. Every value goes through the same argparse type conversion as on the command
 line (so `learning_rate: 2e-4`, which YAML reads as a string, becomes a float), and every unknown key is an error
-that names the file and the closest valid key.
+that names the file and the closest valid key. `--key null` on the command line unsets a key the YAML sets.
 """
 
 from __future__ import annotations
@@ -120,7 +120,9 @@ class Recipe:
         if self.env:
             out["env"] = dict(self.env)
         for key in self.explicit_keys:
-            out[key] = values[key]
+            value = values[key]
+            # transformers stores some counts as floats (`warmup_steps: 10` -> 10.0); write them back as integers
+            out[key] = int(value) if isinstance(value, float) and value.is_integer() and abs(value) >= 1 else value
         return out
 
     def write(self, path: str | Path) -> None:
@@ -188,6 +190,21 @@ def _parser(dataclass_types: list[type], source: str):
     return RecipeParser(dataclass_types)
 
 
+def describe_keys(stage_name: str) -> str:
+    """Every key a recipe of `stage_name` accepts, with its type, default and help text (argparse's help)."""
+    from hf_ext.trainers import get_stage
+
+    stage = get_stage(stage_name)
+    parser = _parser([ScriptArguments, stage.config_class, ModelArguments], f"stage {stage_name}")
+    parser.usage = f"hf-ext train RECIPE.yaml [--key value ...]   (stage: {stage_name})"
+    parser.description = (
+        f"Recipe keys of stage {stage_name} ({type(stage).__doc__.strip().splitlines()[0].rstrip('.')}). Each is a "
+        "YAML key, or --key value on the command line (which overrides the YAML; --key null unsets it). Reserved "
+        f"keys: {', '.join(RESERVED_KEYS)}."
+    )
+    return parser.format_help()
+
+
 def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Parse `path` with `--key value` `overrides` into a validated `Recipe` (no model or data is loaded)."""
     from hf_ext.trainers import STAGES, get_stage
@@ -225,8 +242,7 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe
         if num_processes < 1:
             raise UserInputError(f"{path}: key 'num_processes' must be a whole number >= 1")
 
-    stage_module = get_stage(stage)
-    dataclass_types = [ScriptArguments, stage_module.Config, ModelArguments]
+    dataclass_types = [ScriptArguments, get_stage(stage).config_class, ModelArguments]
     parser = _parser(dataclass_types, source)
     valid = sorted({a.dest for a in parser._actions if a.dest != "help"} | set(RESERVED_KEYS))
     for key, where in [(k, str(path)) for k in data] + [(k, "command line") for k in cli]:
@@ -237,6 +253,11 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe
         data["output_dir"] = str(Path("outputs") / path.stem)
     argv: list[str] = []
     nulls = {}
+    unset = [k for k, v in cli.items() if v == "null"]  # `--task null` unsets the YAML's value
+    for key in unset:
+        cli.pop(key)
+        data.pop(key, None)
+        nulls[key] = None
     for key, value in data.items():
         if value is None or value == []:
             nulls[key] = value
@@ -261,7 +282,7 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe
         accelerate_config=accelerate_config,
         num_processes=num_processes,
         env=env,
-        explicit_keys=list(dict.fromkeys([*data, *cli])),
+        explicit_keys=list(dict.fromkeys([*data, *cli, *unset])),
     )
     validate_paths(recipe)
     return recipe
@@ -280,19 +301,29 @@ def validate_paths(recipe: Recipe) -> None:
     if looks_local:
         if not Path(dataset).exists():
             raise UserInputError(f"{recipe.path}: key 'dataset_name': file {dataset} does not exist")
-    from hf_ext.trainers import get_stage
+    from hf_ext.trainers import STAGES, get_stage
 
+    stage = get_stage(recipe.stage)
     sources = [key for key in ("dataset_name", "task", "corpus") if getattr(recipe.script_args, key)]
-    if getattr(get_stage(recipe.stage), "BUILT_IN_DATA", False):
+    if stage.built_in_data:
         if sources:
-            raise UserInputError(f"{recipe.path}: stage {recipe.stage} reads its own data keys; remove {', '.join(sources)}")
+            unset = " ".join(f"--{key} null" for key in sources)
+            raise UserInputError(
+                f"{recipe.path}: stage {recipe.stage} reads its own data keys; remove {', '.join(sources)} (on the "
+                f"command line: {unset})"
+            )
         return
     if len(sources) > 1:
-        raise UserInputError(f"{recipe.path}: set one of 'dataset_name', 'task' or 'corpus', not {' and '.join(sources)}")
+        unset = " or ".join(f"--{key} null" for key in sources)
+        raise UserInputError(
+            f"{recipe.path}: set one of 'dataset_name', 'task' or 'corpus', not {' and '.join(sources)} (on the "
+            f"command line, {unset} unsets one)"
+        )
     if not sources:
         raise UserInputError(f"{recipe.path}: no training data: set 'task' (a verifiable task) or 'dataset_name'")
-    if recipe.script_args.corpus and recipe.stage not in ("pretrain", "mlm"):
-        raise UserInputError(f"{recipe.path}: key 'corpus' is raw data for the pretrain and mlm stages; stage {recipe.stage} takes 'task' or 'dataset_name'")
+    if recipe.script_args.corpus and not stage.takes_corpus:
+        corpus_stages = " and ".join(name for name in STAGES if get_stage(name).takes_corpus)
+        raise UserInputError(f"{recipe.path}: key 'corpus' is raw data for the {corpus_stages} stages; stage {recipe.stage} takes 'task' or 'dataset_name'")
     if recipe.script_args.task:
         from hf_ext.data.tasks import TASKS
 

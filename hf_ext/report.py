@@ -22,14 +22,25 @@ def loss_curve(log_history: list[dict]) -> dict[str, list]:
     }
 
 
-def plot_loss_curve(curve: dict[str, list], path: Path, title: str, ylabel: str = "loss (response tokens)") -> None:
+def plot_loss_curve(
+    curve: dict[str, list],
+    path: Path,
+    title: str,
+    ylabel: str = "loss (response tokens)",
+    mean_train_loss: tuple[int, float] | None = None,
+) -> None:
+    """The train (and eval) loss per logged step. A run too short to log a step (`logging_steps` > `max_steps`) still
+    gets its plot: the run's mean train loss at its last step, `mean_train_loss = (step, loss)`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
-    axis.plot(curve["step"], curve["loss"], label="train loss", marker="." if len(curve["step"]) < 40 else None)
+    if curve["step"]:
+        axis.plot(curve["step"], curve["loss"], label="train loss", marker="." if len(curve["step"]) < 40 else None)
+    elif mean_train_loss is not None:
+        axis.plot(*mean_train_loss, label="mean train loss (no step logged)", marker="s", linestyle="none")
     if curve["eval_step"]:
         axis.plot(curve["eval_step"], curve["eval_loss"], label="eval loss", marker="o")
     axis.set_xlabel("optimizer step")

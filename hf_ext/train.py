@@ -52,8 +52,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     from hf_ext.data.formats import detect_format
     from hf_ext.data.tasks import TASKS
     from hf_ext.eval.accuracy import evaluate_task
-    from hf_ext.hub import hub_base_model, render_model_card
-    from hf_ext.loading import load_model, load_tokenizer, peft_config
+    from hf_ext.hub import hub_base_model
+    from hf_ext.loading import peft_config
     from hf_ext.recipe import parse_recipe
     from hf_ext.report import LOSS_CURVE_FILE, METRICS_FILE, loss_curve, plot_loss_curve, write_metrics
     from hf_ext.trainers import get_stage
@@ -63,8 +63,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     stage = get_stage(recipe.stage)
     state = PartialState()
 
-    # A stage may build its own tokenizer and model (pretraining from scratch) and add final metrics and a card.
-    tokenizer = stage.load_tokenizer(recipe) if hasattr(stage, "load_tokenizer") else load_tokenizer(model_args.model_name_or_path)
+    tokenizer = stage.load_tokenizer(recipe)
     datasets = stage.build_datasets(script_args, training_args, tokenizer)
     task = TASKS[script_args.task] if script_args.task else None
     eval_rows = task.splits(script_args.task_train_size, script_args.task_eval_size, training_args.seed)["test"] if task else None
@@ -77,14 +76,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         recipe.write(output_dir / "recipe.yaml")
     state.wait_for_everyone()
 
-    if hasattr(stage, "load_model"):
-        model = stage.load_model(recipe, tokenizer)
-    elif getattr(training_args, "backend", "transformers") == "unsloth":
-        from hf_ext.loading import load_unsloth_model
-
-        model = load_unsloth_model(model_args, training_args.max_length or 2048)
-    else:
-        model = load_model(model_args, trust_remote_code=training_args.trust_remote_code, trainable_adapter=True)
+    model = stage.load_model(recipe, tokenizer)
     model_name = model_args.model_name_or_path or getattr(training_args, "model_type", None) or "model"
     metrics: dict = {"stage": recipe.stage, "recipe": str(recipe.path), "model": model_name}
 
@@ -96,13 +88,13 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
 
     if task and script_args.eval_before_training and state.is_main_process:
         metrics["accuracy_before"] = accuracy(model, "before training")
-        logger.warning("accuracy before training: %.3f", metrics["accuracy_before"]["accuracy"])
+        logger.info("accuracy before training: %.3f", metrics["accuracy_before"]["accuracy"])
 
-    trainer = stage.Trainer(
+    trainer = stage.trainer_class(
         model=model,
         args=training_args,
         train_dataset=datasets["train"],
-        eval_dataset=datasets.get("test") if training_args.eval_strategy != "no" or hasattr(stage, "final_metrics") else None,
+        eval_dataset=stage.eval_dataset(datasets, training_args),
         processing_class=tokenizer,
         peft_config=None if isinstance(model, PeftModel) else peft_config(model_args),  # an adapter keeps training
     )
@@ -117,8 +109,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             record_adapter_base(output_dir, hub_base_model(recipe) or model_args.model_name_or_path)
 
     checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters() if p.requires_grad)
-    if hasattr(stage, "final_metrics"):  # on every rank: evaluation is collective
-        metrics.update(stage.final_metrics(trainer))
+    metrics.update(stage.final_metrics(trainer))  # on every rank: evaluation is collective
     per_rank = trainer.accelerator.gather_for_metrics(
         [{"rank": state.process_index, "global_step": trainer.state.global_step, "trainable_checksum": checksum}],
         use_gather_object=True,
@@ -127,7 +118,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     if state.is_main_process:
         if task:
             metrics["accuracy_after"] = accuracy(trainer.model, "after training")
-            logger.warning("accuracy after training: %.3f", metrics["accuracy_after"]["accuracy"])
+            logger.info("accuracy after training: %.3f", metrics["accuracy_after"]["accuracy"])
         curve = loss_curve(trainer.state.log_history)
         metrics.update(
             task=script_args.task,
@@ -143,14 +134,31 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             loss_curve=curve,
             torch_threads=torch.get_num_threads(),
         )
-        if curve["step"]:
-            plot_loss_curve(curve, output_dir / LOSS_CURVE_FILE, f"{recipe.stage}: {model_name.split('/')[-1]}",
-                            ylabel=getattr(stage, "LOSS_LABEL", "loss (response tokens)"))
-        card = stage.render_card(recipe, metrics) if hasattr(stage, "render_card") else render_model_card(recipe, metrics, stage.CARD_DESCRIPTION)
-        card.save(output_dir / "README.md")
+        train_loss = result.metrics.get("train_loss")
+        plot_loss_curve(
+            curve, output_dir / LOSS_CURVE_FILE, f"{recipe.stage}: {model_name.split('/')[-1]}", ylabel=stage.loss_label,
+            mean_train_loss=(trainer.state.global_step, train_loss) if train_loss is not None else None,
+        )
+        stage.render_card(recipe, metrics).save(output_dir / "README.md")
         write_metrics(output_dir, metrics)
+        logger.info("done: %s; outputs in %s", closing_summary(metrics), output_dir)
     state.wait_for_everyone()
     return metrics
+
+
+def closing_summary(metrics: dict) -> str:
+    """`stage sft, 100 steps, train loss 0.412, accuracy 0.000 -> 0.805`: the run in one line."""
+    parts = [f"stage {metrics['stage']}", f"{metrics['global_step']} steps"]
+    if metrics.get("train_loss") is not None:
+        parts.append(f"train loss {metrics['train_loss']:.4g}")
+    if "accuracy_after" in metrics:
+        before = f"{metrics['accuracy_before']['accuracy']:.3f} -> " if "accuracy_before" in metrics else ""
+        parts.append(f"accuracy {before}{metrics['accuracy_after']['accuracy']:.3f}")
+    for name in ("validation", "arc_eval"):
+        if isinstance(metrics.get(name), dict):
+            shown = {k: v for k, v in metrics[name].items() if k in ("loss", "perplexity", "pass2_task_mean")}
+            parts += [f"{name} {k} {v:.4g}" for k, v in shown.items() if isinstance(v, float)]
+    return ", ".join(parts)
 
 
 def record_adapter_base(adapter_dir: Path, reference: str) -> None:
@@ -174,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m hf_ext.train RECIPE.yaml [--key value ...]")
         sys.exit(0 if argv else 2)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)  # hf_ext's own results and summary; libraries stay at WARNING
     try:
         apply_env(argv[0])
         run(argv[0], argv[1:])

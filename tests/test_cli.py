@@ -57,6 +57,8 @@ def test_accelerate_launch_runs_the_main_job_and_writes_every_artifact(tmp_path)
     assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert saved["max_steps"] == 4 and saved["output_dir"] == str(out) and saved["stage"] == "sft"
+    accuracy = f"accuracy {metrics['accuracy_before']['accuracy']:.3f} -> {metrics['accuracy_after']['accuracy']:.3f}"
+    assert f"INFO hf_ext: done: stage sft, 4 steps, train loss {metrics['train_loss']:.4g}, {accuracy}; outputs in {out}" in result.stderr
 
     evaluation = run_cli("hf-ext", "eval", "--model", str(out), "--output", str(tmp_path / "eval.json"))
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
@@ -166,3 +168,40 @@ def test_launch_arguments_match_the_documented_accelerate_command():
     arguments = launch_arguments(recipe, "recipes/sft.yaml", ["--accelerate_config", "zero2"], ["--num_processes", "8"])
     assert arguments[:2] == ["--config_file", str(REPO / "recipes" / "accelerate" / "zero2.yaml")]
     assert arguments[2:] == ["--num_processes", "8", "-m", "hf_ext.train", "recipes/sft.yaml", "--accelerate_config", "zero2"]
+
+
+def test_help_is_printed_on_stdout_and_names_every_command():
+    result = run_cli("hf-ext", "--help")
+    assert result.returncode == 0 and "usage" not in result.stderr
+    for command in ("hf-ext train RECIPE.yaml", "hf-ext eval", "generate-sft|make-pairs|manifest|train-tokenizer",
+                    "hf-ext pipeline", "hf-ext train RECIPE.yaml --help"):
+        assert command in result.stdout, command
+    unknown = run_cli("hf-ext", "trian")
+    assert unknown.returncode == 2 and "unknown command 'trian'" in unknown.stderr and not unknown.stdout
+
+
+def test_train_help_lists_the_stages_and_a_recipe_help_lists_its_keys():
+    from hf_ext.trainers import STAGES
+
+    stages = run_cli("hf-ext", "train", "--help")
+    assert stages.returncode == 0
+    assert [line.split()[0] for line in stages.stdout.splitlines() if line.startswith("  ")] == list(STAGES)
+    keys = run_cli("hf-ext", "train", "recipes/dpo.yaml", "--help")
+    assert keys.returncode == 0 and "(stage: dpo)" in keys.stdout
+    text = " ".join(keys.stdout.split())
+    assert "--backend {transformers,unsloth} transformers (default) or unsloth" in text  # a stage key, with help
+    assert "--beta BETA" in text and "--lora_r LORA_R" in text and "--task TASK" in text  # TRL, model and data keys
+    assert "--key null unsets it" in text and "Reserved keys: stage, accelerate_config, num_processes, env" in text
+
+
+def test_closing_summary_names_the_run_in_one_line():
+    from hf_ext.train import closing_summary
+
+    assert closing_summary({"stage": "pretrain", "global_step": 5, "train_loss": 6.25,
+                            "validation": {"loss": 5.5, "perplexity": 244.69, "blocks": 3}}) == (
+        "stage pretrain, 5 steps, train loss 6.25, validation loss 5.5, validation perplexity 244.7"
+    )
+    assert closing_summary({"stage": "arc", "global_step": 6, "train_loss": None,
+                            "arc_eval": {"pass2_task_mean": 0.125, "subset": "arc1_eval_equal_shape_max10"}}) == (
+        "stage arc, 6 steps, arc_eval pass2_task_mean 0.125"
+    )

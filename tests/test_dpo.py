@@ -80,7 +80,9 @@ def _dpo_recipe(tmp_path, dataset, extra=()):
 
 
 def test_dpo_refuses_a_file_without_manifest_unless_opted_out(tmp_path, tokenizer):
-    from hf_ext.trainers.dpo import build_datasets
+    from hf_ext.trainers.dpo import DPOStage
+
+    build_datasets = DPOStage().build_datasets
 
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}])
     recipe = _dpo_recipe(tmp_path, data)
@@ -94,7 +96,9 @@ def test_dpo_refuses_a_file_without_manifest_unless_opted_out(tmp_path, tokenize
 
 
 def test_dpo_rejects_bad_pairs_with_row_numbers(tmp_path, tokenizer):
-    from hf_ext.trainers.dpo import build_datasets
+    from hf_ext.trainers.dpo import DPOStage
+
+    build_datasets = DPOStage().build_datasets
 
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "same", "rejected": "same"}]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -161,7 +165,9 @@ def test_unsloth_backend_loads_through_fast_language_model(monkeypatch):
 
 
 def test_hub_dataset_needs_an_explicit_opt_out(tmp_path, tokenizer):
-    from hf_ext.trainers.dpo import build_datasets
+    from hf_ext.trainers.dpo import DPOStage
+
+    build_datasets = DPOStage().build_datasets
 
     recipe = parse_recipe(REPO / "recipes" / "dpo.yaml", ["--task", "", "--dataset_name", "someone/pairs", "--output_dir", str(tmp_path)])
     with pytest.raises(UserInputError, match="a Hub dataset has no QC manifest; set allow_unverified_data: true"):

@@ -93,7 +93,7 @@ def test_no_double_bos(tokenizer, tmp_path):
 
 def test_labels_built_by_the_trl_trainer_decode_to_the_response(tokenizer, smollm2, tmp_path):
     """The whole path: our encoding -> TRL's label building and collator -> labels != -100 are the response."""
-    from hf_ext.trainers.sft import Config, Trainer
+    from hf_ext.trainers.sft import HfExtSFTConfig, HfExtSFTTrainer
 
     rows = [
         {"prompt": "What is 12 + 30? Reply with the number only.", "completion": "42"},
@@ -101,8 +101,8 @@ def test_labels_built_by_the_trl_trainer_decode_to_the_response(tokenizer, smoll
     ]
     data_format = FORMATS["messages"]
     dataset = encode_dataset(Dataset.from_list(rows), data_format, tokenizer, max_length=256, source="test")
-    args = Config(output_dir=str(tmp_path), report_to=[], max_steps=1, per_device_train_batch_size=2)
-    trainer = Trainer(model=smollm2, args=args, train_dataset=dataset, processing_class=tokenizer)
+    args = HfExtSFTConfig(output_dir=str(tmp_path), report_to=[], max_steps=1, per_device_train_batch_size=2)
+    trainer = HfExtSFTTrainer(model=smollm2, args=args, train_dataset=dataset, processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     for row, labels in zip(rows, batch["labels"]):
         kept = [int(t) for t in labels if t != -100]

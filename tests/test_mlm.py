@@ -81,8 +81,8 @@ def mlm_parts(tmp_path, *overrides):
 
     recipe = parse_recipe(str(REPO / "recipes/mamba_mlm.yaml"), ["--output_dir", str(tmp_path), "--config_overrides",
                                                                  json.dumps(TINY_BIDIRECTIONAL), *overrides])
-    tokenizer = mlm.load_tokenizer(recipe)
-    return recipe, tokenizer, mlm.build_datasets(recipe.script_args, recipe.training_args, tokenizer)
+    tokenizer = mlm.MLMStage().load_tokenizer(recipe)
+    return recipe, tokenizer, mlm.MLMStage().build_datasets(recipe.script_args, recipe.training_args, tokenizer)
 
 
 def test_validation_is_masked_once_and_training_anew_every_batch(tmp_path):
@@ -126,8 +126,8 @@ def test_a_character_outside_the_alphabet_names_the_row_or_becomes_unk(tmp_path)
 
     recipe = parse_recipe(str(REPO / "recipes/mamba_mlm.yaml"), ["--corpus", "", "--dataset_name", str(data),
                                                                  "--allow_unverified_data", "true", "--on_unknown", "unk"])
-    tokenizer = mlm.load_tokenizer(recipe)
-    datasets = mlm.build_datasets(recipe.script_args, recipe.training_args, tokenizer)
+    tokenizer = mlm.MLMStage().load_tokenizer(recipe)
+    datasets = mlm.MLMStage().build_datasets(recipe.script_args, recipe.training_args, tokenizer)
     assert datasets["train"]["input_ids"][1][4] == tokenizer.unk_token_id
 
 
@@ -152,7 +152,7 @@ def test_ssm_parameters_take_no_weight_decay(tmp_path):
     from hf_ext.trainers import mlm
 
     recipe, tokenizer, datasets = mlm_parts(tmp_path)
-    trainer = mlm.Trainer(model=mlm.load_model(recipe, tokenizer), args=recipe.training_args,
+    trainer = mlm.HfExtMLMTrainer(model=mlm.MLMStage().load_model(recipe, tokenizer), args=recipe.training_args,
                           train_dataset=datasets["train"], eval_dataset=datasets["test"], processing_class=tokenizer)
     decayed = set(trainer.get_decay_parameter_names(trainer.model))
     assert "backbone.layers.0.mixer.in_proj.weight" in decayed and "backbone.layers.0.mixer.conv1d_rev.weight" in decayed

@@ -52,6 +52,7 @@ def test_run_writes_a_loadable_mhc_model_with_validation_perplexity(pretrained):
 
     metrics = json.loads((pretrained / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and metrics["tokens_seen"] == 4 * 4 * 64
+    assert metrics["loss_curve"]["eval_step"] == [2, 4]  # the final model is evaluated once, at step 4
     validation = metrics["validation"]
     assert validation["perplexity"] == pytest.approx(math.exp(validation["loss"]))
     assert validation["loss"] < math.log(512) + 0.1  # about uniform over the vocabulary after 4 tiny steps
@@ -84,6 +85,17 @@ def test_resume_continues_the_same_run(pretrained, cache_dir):
     assert metrics["loss_curve"]["step"] == [1, 2, 3, 4, 5, 6]  # steps 1-4 logged before, restored from the checkpoint
 
 
+def test_a_run_too_short_to_log_a_step_still_plots_its_loss(tmp_path, cache_dir):
+    output_dir = tmp_path / "short"
+    result = run_train("recipes/pretrain_mhc.yaml", *tiny_overrides(output_dir), "--max_steps", "2",
+                       "--logging_steps", "10", "--eval_steps", "10", cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["loss_curve"]["step"] == [] and metrics["loss_curve"]["eval_step"] == [2]  # the final evaluation
+    assert (output_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "loss_curve.png" in (output_dir / "README.md").read_text()
+
+
 def test_sft_and_qlora_recipe_run_unchanged_on_the_mhc_checkpoint(pretrained, tmp_path, cache_dir):
     # The foundation issue's recipe; only the model (and its plain-text data format: no chat template) change.
     result = run_train(
@@ -105,12 +117,14 @@ def trainer_for(recipe: str, tmp_path, cache_dir, monkeypatch, config=TINY_MHC):
     from hf_ext.recipe import parse_recipe
     from hf_ext.trainers import pretrain
 
+    stage = pretrain.PretrainStage()
+
     monkeypatch.setenv("HF_EXT_CACHE", str(cache_dir))
     parsed = parse_recipe(str(REPO / recipe), tiny_overrides(tmp_path, config))
-    tokenizer = pretrain.load_tokenizer(parsed)
-    datasets = pretrain.build_datasets(parsed.script_args, parsed.training_args, tokenizer)
-    model = pretrain.load_model(parsed, tokenizer)
-    trainer = pretrain.Trainer(model=model, args=parsed.training_args, train_dataset=datasets["train"],
+    tokenizer = stage.load_tokenizer(parsed)
+    datasets = stage.build_datasets(parsed.script_args, parsed.training_args, tokenizer)
+    model = stage.load_model(parsed, tokenizer)
+    trainer = pretrain.HfExtPretrainTrainer(model=model, args=parsed.training_args, train_dataset=datasets["train"],
                                eval_dataset=datasets["test"], processing_class=tokenizer)
     return trainer, datasets, tokenizer
 

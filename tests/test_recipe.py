@@ -119,3 +119,25 @@ def test_split_overrides():
     }
     with pytest.raises(UserInputError):
         split_overrides(["stray"])
+
+
+def test_null_on_the_command_line_unsets_a_yaml_key_and_the_conflict_error_says_so(tmp_path):
+    data = write(tmp_path, '{"prompt": "1 + 1 =", "completion": "2"}\n', "rows.jsonl")
+    path = write(tmp_path, BASE)
+    message = (rf"^{path}: set one of 'dataset_name', 'task' or 'corpus', not dataset_name and task \(on the command "
+               r"line, --dataset_name null or --task null unsets one\)$")
+    with pytest.raises(UserInputError, match=message):
+        parse_recipe(path, ["--dataset_name", str(data)])
+    recipe = parse_recipe(path, ["--dataset_name", str(data), "--task", "null"])
+    assert recipe.script_args.task is None and recipe.script_args.dataset_name == str(data)
+    recipe.write(tmp_path / "recipe.yaml")
+    written = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert written["task"] is None and written["dataset_name"] == str(data)
+
+
+def test_integer_values_are_written_as_integers(tmp_path):
+    recipe = parse_recipe(write(tmp_path, BASE + "warmup_steps: 10\nlearning_rate: 2.0e-4\n"))
+    recipe.write(tmp_path / "recipe.yaml")
+    text = (tmp_path / "recipe.yaml").read_text()
+    assert "\nwarmup_steps: 10\n" in text and "\nlearning_rate: 0.0002\n" in text
+    assert parse_recipe(tmp_path / "recipe.yaml").training_args.warmup_steps == 10

@@ -1,27 +1,29 @@
-"""The registry of training stages: recipe key `stage` -> the module that implements it.
+"""The registry of training stages: recipe key `stage` -> the `Stage` subclass that implements it.
 
-Each stage module exports `Config` (its TRL config subclass), `Trainer` (its TRL trainer subclass),
-`build_datasets(script_args, training_args, tokenizer)` and `CARD_DESCRIPTION` (a sentence for the model card). Modules are imported only when a stage is used.
-
-Optional hooks, for stages that build their own model (`hf_ext.trainers.pretrain`, `hf_ext.trainers.mlm`): `load_tokenizer(recipe)`,
-`load_model(recipe, tokenizer)`, `final_metrics(trainer) -> dict` (run on every rank after training),
-`render_card(recipe, metrics) -> ModelCard` and `LOSS_LABEL` (the loss plot's y label). `load_tokenizer` may return
-None (grids need no tokenizer), and `BUILT_IN_DATA = True` says the stage reads its data from its own keys.
+A stage is one class (`hf_ext.trainers.base.Stage`) whose methods are the hooks `train.run` calls; its module also
+holds the stage's config and trainer classes, named `HfExt<Stage>Config` / `HfExt<Stage>Trainer` so that they never
+shadow transformers' or TRL's names. Modules are imported only when a stage is used.
 """
 
+from __future__ import annotations
+
 import importlib
-from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hf_ext.trainers.base import Stage
 
 STAGES: dict[str, str] = {
-    "sft": "hf_ext.trainers.sft",
-    "dpo": "hf_ext.trainers.dpo",
-    "pretrain": "hf_ext.trainers.pretrain",
-    "mlm": "hf_ext.trainers.mlm",
-    "arc": "hf_ext.trainers.arc",
+    "sft": "hf_ext.trainers.sft:SFTStage",
+    "dpo": "hf_ext.trainers.dpo:DPOStage",
+    "pretrain": "hf_ext.trainers.pretrain:PretrainStage",
+    "mlm": "hf_ext.trainers.mlm:MLMStage",
+    "arc": "hf_ext.trainers.arc:ArcStage",
 }
 
 
-def get_stage(name: str) -> ModuleType:
+def get_stage(name: str) -> Stage:
     if name not in STAGES:
         raise KeyError(name)
-    return importlib.import_module(STAGES[name])
+    module, class_name = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), class_name)()

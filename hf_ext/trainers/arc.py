@@ -32,18 +32,15 @@ import transformers
 
 from hf_ext.data.arc import Augmentation, Example, GridCollator, load_subset, load_training_tasks
 from hf_ext.errors import UserInputError
-from hf_ext.trainers.base import StageConfigMixin, StageTrainerMixin
+from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin
 from hf_ext.trainers.pretrain import build_config, describe_model
 
-LOSS_LABEL = "cross-entropy (output cells / tokens)"
 CARD_DESCRIPTION = "Grid training on real ARC tasks (a `transformers.Trainer` subclass) with augmentation and voting."
 PROTOCOLS = ("ttt", "unseen")
-# The stage reads its data from its own keys (arc_train_sources, eval_subset), not dataset_name / task / corpus.
-BUILT_IN_DATA = True
 
 
 @dataclass
-class Config(StageConfigMixin, transformers.TrainingArguments):
+class HfExtArcConfig(StageConfigMixin, transformers.TrainingArguments):
     """`transformers.TrainingArguments` plus the ARC model, data, augmentation and evaluation."""
 
     _VALID_DICT_FIELDS = transformers.TrainingArguments._VALID_DICT_FIELDS + ["config_overrides"]
@@ -123,7 +120,7 @@ def _training_tasks(sources: tuple[str, ...], eval_subset: str, protocol: str, a
     return TrainingTasks(tuple(names), tuple(pairs), tuple(sources_tasks), evaluated)
 
 
-def training_tasks(args: Config) -> TrainingTasks:
+def training_tasks(args: HfExtArcConfig) -> TrainingTasks:
     return _training_tasks(tuple(args.arc_train_sources), args.eval_subset, args.protocol, args.allow_overlap)
 
 
@@ -159,11 +156,11 @@ class ArcPairDataset(torch.utils.data.Dataset):
         return Example(row, pair.input, pair.output, tuple(augmentation.apply_pair(p) for p in others))
 
 
-class Trainer(StageTrainerMixin, transformers.Trainer):
+class HfExtArcTrainer(StageTrainerMixin, transformers.Trainer):
     _tag_names = ["arc", "hf_ext"]
     _name = "ARC"
 
-    def __init__(self, model, args: Config, processing_class=None, peft_config=None, data_collator=None, **kwargs):
+    def __init__(self, model, args: HfExtArcConfig, processing_class=None, peft_config=None, data_collator=None, **kwargs):
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -182,101 +179,107 @@ class Trainer(StageTrainerMixin, transformers.Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
 
-def build_datasets(script_args, training_args: Config, tokenizer=None) -> dict:
-    tasks = training_tasks(training_args)
-    train = ArcPairDataset(
-        tasks, training_args.augmentations_per_pair, training_args.seed, training_args.augment_dihedral,
-        training_args.augment_colours, training_args.max_context_pairs, training_args.ttt_pair_repeats,
-    )
-    if len(train) == 0:
-        raise UserInputError("arc: no training pairs (arc_train_sources is empty and protocol is unseen)")
-    return {"train": train}
+class ArcStage(Stage):
+    """Grid training on real ARC tasks, scored by voted pass@2 after training."""
 
+    name = "arc"
+    config_class = HfExtArcConfig
+    trainer_class = HfExtArcTrainer
+    card_description = CARD_DESCRIPTION
+    loss_label = "cross-entropy (output cells / tokens)"
+    built_in_data = True  # arc_train_sources / eval_subset, not dataset_name / task / corpus
 
-def load_tokenizer(recipe):
-    return None  # grids are the input: no tokenizer
+    def build_datasets(self, script_args, training_args: HfExtArcConfig, tokenizer=None) -> dict:
+        tasks = training_tasks(training_args)
+        train = ArcPairDataset(
+            tasks, training_args.augmentations_per_pair, training_args.seed, training_args.augment_dihedral,
+            training_args.augment_colours, training_args.max_context_pairs, training_args.ttt_pair_repeats,
+        )
+        if len(train) == 0:
+            raise UserInputError("arc: no training pairs (arc_train_sources is empty and protocol is unseen)")
+        return {"train": train}
 
+    def load_tokenizer(self, recipe):
+        return None  # grids are the input: no tokenizer
 
-def load_model(recipe, tokenizer=None):
-    from transformers import AutoModelForSemanticSegmentation, set_seed
+    def load_model(self, recipe, tokenizer=None):
+        from transformers import AutoModelForSemanticSegmentation, set_seed
 
-    args, model_args = recipe.training_args, recipe.model_args
-    tasks = training_tasks(args)
-    if model_args.model_name_or_path:
-        model = AutoModelForSemanticSegmentation.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
-        if args.task_embedding and list(model.config.task_names or []) != list(tasks.names):
-            raise UserInputError(
-                f"{model_args.model_name_or_path}: its task-embedding rows ({model.config.num_tasks} tasks) are not this "
-                "recipe's training tasks; continue training with the same arc_train_sources / eval_subset / protocol, "
-                "or set task_embedding: false"
-            )
-        return model
-    fields = dict(num_tasks=len(tasks.names), task_names=list(tasks.names)) if args.task_embedding else {}
-    config = build_config(args.model_type, args.config_overrides, **fields)
-    set_seed(args.seed)
-    return AutoModelForSemanticSegmentation.from_config(config)
+        args, model_args = recipe.training_args, recipe.model_args
+        tasks = training_tasks(args)
+        if model_args.model_name_or_path:
+            model = AutoModelForSemanticSegmentation.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
+            if args.task_embedding and list(model.config.task_names or []) != list(tasks.names):
+                raise UserInputError(
+                    f"{model_args.model_name_or_path}: its task-embedding rows ({model.config.num_tasks} tasks) are not this "
+                    "recipe's training tasks; continue training with the same arc_train_sources / eval_subset / protocol, "
+                    "or set task_embedding: false"
+                )
+            return model
+        fields = dict(num_tasks=len(tasks.names), task_names=list(tasks.names)) if args.task_embedding else {}
+        config = build_config(args.model_type, args.config_overrides, **fields)
+        set_seed(args.seed)
+        return AutoModelForSemanticSegmentation.from_config(config)
 
+    def final_metrics(self, trainer) -> dict:
+        """The ARC evaluation of the final model on the eval subset, under the recipe's protocol; writes the attempts."""
+        from hf_ext.eval.arc import TRAINING_RECORD, evaluate_arc, summary_line, write_attempts
 
-def final_metrics(trainer) -> dict:
-    """The ARC evaluation of the final model on the eval subset, under the recipe's protocol; writes the attempts."""
-    from hf_ext.eval.arc import TRAINING_RECORD, evaluate_arc, summary_line, write_attempts
-
-    args: Config = trainer.args
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    tasks = training_tasks(args)
-    metrics: dict = {"model": describe_model(model), "variant": model.config.variant}
-    metrics["train_tasks"] = len(tasks.names)
-    metrics["train_pairs"] = sum(len(p) for p in tasks.pairs)
-    metrics["train_examples_seen"] = (
-        trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    )
-    if not trainer.is_world_process_zero():
+        args: HfExtArcConfig = trainer.args
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        tasks = training_tasks(args)
+        metrics: dict = {"model": describe_model(model), "variant": model.config.variant}
+        metrics["train_tasks"] = len(tasks.names)
+        metrics["train_pairs"] = sum(len(p) for p in tasks.pairs)
+        metrics["train_examples_seen"] = (
+            trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        )
+        if not trainer.is_world_process_zero():
+            return metrics
+        output_dir = Path(args.output_dir)
+        record = {"sources": list(args.arc_train_sources), "eval_subset": args.eval_subset, "protocol": args.protocol,
+                  "tasks_trained_on": list(tasks.names), "tasks_with_test_outputs": list(tasks.with_test_outputs),
+                  "allow_overlap": args.allow_overlap}
+        (output_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
+        evaluation, attempts = evaluate_arc(
+            model, tasks.evaluated, args.eval_subset, trained_tasks=tasks.names, num_votes=args.num_votes, ttt_steps=args.ttt_steps,
+            ttt_learning_rate=args.ttt_learning_rate, canvas_margin=args.canvas_margin,
+            max_context_pairs=args.max_context_pairs, seed=args.seed,
+        )
+        write_attempts(output_dir / "arc_attempts.json", attempts)
+        metrics["arc_eval"] = evaluation
+        trainer.log({f"arc/{k}": v for k, v in evaluation.items() if isinstance(v, float)})
+        print(summary_line(evaluation))
         return metrics
-    output_dir = Path(args.output_dir)
-    record = {"sources": list(args.arc_train_sources), "eval_subset": args.eval_subset, "protocol": args.protocol,
-              "tasks_trained_on": list(tasks.names), "tasks_with_test_outputs": list(tasks.with_test_outputs),
-              "allow_overlap": args.allow_overlap}
-    (output_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
-    evaluation, attempts = evaluate_arc(
-        model, tasks.evaluated, args.eval_subset, trained_tasks=tasks.names, num_votes=args.num_votes, ttt_steps=args.ttt_steps,
-        ttt_learning_rate=args.ttt_learning_rate, canvas_margin=args.canvas_margin,
-        max_context_pairs=args.max_context_pairs, seed=args.seed,
-    )
-    write_attempts(output_dir / "arc_attempts.json", attempts)
-    metrics["arc_eval"] = evaluation
-    trainer.log({f"arc/{k}": v for k, v in evaluation.items() if isinstance(v, float)})
-    print(summary_line(evaluation))
-    return metrics
 
+    def render_card(self, recipe, metrics: dict):
+        """`model_cards/arc_grid.md` with this run's variant, data, protocol and scores."""
+        from huggingface_hub import ModelCard, ModelCardData
 
-def render_card(recipe, metrics: dict):
-    """`model_cards/arc_grid.md` with this run's variant, data, protocol and scores."""
-    from huggingface_hub import ModelCard, ModelCardData
+        from hf_ext.eval.arc import summary_line
+        from hf_ext.resources import shipped_path
 
-    from hf_ext.eval.arc import summary_line
-    from hf_ext.resources import shipped_path
-
-    args = recipe.training_args
-    evaluation = metrics.get("arc_eval")
-    card_data = ModelCardData(
-        model_name=Path(args.output_dir).name, library_name="transformers", license="apache-2.0",
-        tags=["hf_ext", "arc", "arc-agi", "arc_grid", metrics.get("variant", "")],
-    )
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(shipped_path("model_cards", "arc_grid.md")),
-        model_name=Path(args.output_dir).name,
-        variant=metrics.get("variant"),
-        parameters=f"{metrics['model']['parameters'] / 1e6:.2f}M",
-        config=args.config_overrides or {},
-        sources=", ".join(args.arc_train_sources),
-        eval_subset=args.eval_subset,
-        protocol=args.protocol,
-        train_tasks=metrics.get("train_tasks"),
-        train_pairs=metrics.get("train_pairs"),
-        examples_seen=metrics.get("train_examples_seen"),
-        global_step=metrics.get("global_step"),
-        train_runtime=metrics.get("train_runtime_seconds"),
-        result=summary_line(evaluation) if evaluation else "not evaluated",
-        seed=args.seed,
-    )
+        args = recipe.training_args
+        evaluation = metrics.get("arc_eval")
+        card_data = ModelCardData(
+            model_name=Path(args.output_dir).name, library_name="transformers", license="apache-2.0",
+            tags=["hf_ext", "arc", "arc-agi", "arc_grid", metrics.get("variant", "")],
+        )
+        return ModelCard.from_template(
+            card_data,
+            template_path=str(shipped_path("model_cards", "arc_grid.md")),
+            model_name=Path(args.output_dir).name,
+            variant=metrics.get("variant"),
+            parameters=f"{metrics['model']['parameters'] / 1e6:.2f}M",
+            config=args.config_overrides or {},
+            sources=", ".join(args.arc_train_sources),
+            eval_subset=args.eval_subset,
+            protocol=args.protocol,
+            train_tasks=metrics.get("train_tasks"),
+            train_pairs=metrics.get("train_pairs"),
+            examples_seen=metrics.get("train_examples_seen"),
+            global_step=metrics.get("global_step"),
+            train_runtime=metrics.get("train_runtime_seconds"),
+            result=summary_line(evaluation) if evaluation else "not evaluated",
+            seed=args.seed,
+        )

@@ -53,3 +53,68 @@ class StageTrainerMixin:
         if pickled.exists():
             os.remove(pickled)
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+
+
+def final_evaluation(trainer) -> dict:
+    """The evaluation metrics of the final model: the ones the trainer logged at the last step when it evaluated there
+    (`eval_strategy: steps` with `max_steps` a multiple of `eval_steps`), else a new `trainer.evaluate()`, so the final
+    model is evaluated once."""
+    step = trainer.state.global_step
+    logged = [e for e in trainer.state.log_history if e.get("step") == step and any(k.startswith("eval_") for k in e)]
+    if not logged:
+        return trainer.evaluate()
+    merged: dict = {}
+    for entry in logged:  # evaluate() logs its metrics, then hf_ext's extras (perplexity, mHC numbers), at one step
+        merged.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return merged
+
+
+class Stage:
+    """One training stage. The recipe's `stage:` name picks a subclass (`hf_ext.trainers.STAGES`), and `train.run`
+    calls these methods in this order: `load_tokenizer`, `build_datasets`, `load_model`, `eval_dataset`, then
+    `trainer_class(...).train()`, then `final_metrics` (on every rank) and `render_card` (on the main one).
+
+    A subclass sets the class attributes and implements `build_datasets`; every other method has a default that
+    fits a stage fine-tuning a named model (SFT, DPO). Adding a stage: docs/adding_a_stage.md.
+    """
+
+    name: str
+    config_class: type  # the recipe's stage keys: a TRL config (or `transformers.TrainingArguments`) subclass
+    trainer_class: type  # a TRL trainer (or `transformers.Trainer`) subclass taking `peft_config`
+    card_description: str  # one sentence for the model card
+    loss_label: str = "loss (response tokens)"  # the loss plot's y label
+    built_in_data: bool = False  # the stage reads its data from its own keys, not dataset_name / task / corpus
+    takes_corpus: bool = False  # the stage accepts `corpus` (raw text or sequences)
+
+    def load_tokenizer(self, recipe):
+        """The tokenizer of `model_name_or_path` (None is allowed: grids need no tokenizer)."""
+        from hf_ext.loading import load_tokenizer
+
+        return load_tokenizer(recipe.model_args.model_name_or_path)
+
+    def build_datasets(self, script_args, training_args, tokenizer) -> dict:
+        """`{"train": ..., "test": ...}` (test optional) with the columns `trainer_class` needs, every row validated
+        first (an error names the file, row and field)."""
+        raise NotImplementedError(f"stage {self.name} must implement build_datasets")
+
+    def load_model(self, recipe, tokenizer):
+        """`model_name_or_path` through hf_ext's one loader (GGUF, 4-bit, an adapter that keeps training)."""
+        from hf_ext.loading import load_model
+
+        return load_model(
+            recipe.model_args, trust_remote_code=recipe.training_args.trust_remote_code, trainable_adapter=True
+        )
+
+    def eval_dataset(self, datasets: dict, training_args):
+        """The split the trainer evaluates on: `test` when the recipe evaluates during training."""
+        return datasets.get("test") if training_args.eval_strategy != "no" else None
+
+    def final_metrics(self, trainer) -> dict:
+        """Metrics of the final model, added to `metrics.json` (called on every rank: evaluation is collective)."""
+        return {}
+
+    def render_card(self, recipe, metrics: dict):
+        """The run's model card (`README.md` in the output folder)."""
+        from hf_ext.hub import render_model_card
+
+        return render_model_card(recipe, metrics, self.card_description)

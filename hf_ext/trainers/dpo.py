@@ -20,7 +20,7 @@ from hf_ext.data.formats import FORMATS
 from hf_ext.data.pairs import task_pairs, validate_pair
 from hf_ext.data.sources import describe_source, load_splits
 from hf_ext.errors import UserInputError
-from hf_ext.trainers.base import StageConfigMixin, StageTrainerMixin
+from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin
 
 BACKENDS = ("transformers", "unsloth")
 CARD_DESCRIPTION = (
@@ -30,7 +30,7 @@ CARD_DESCRIPTION = (
 
 
 @dataclass
-class Config(StageConfigMixin, trl.DPOConfig):
+class HfExtDPOConfig(StageConfigMixin, trl.DPOConfig):
     """`trl.DPOConfig` plus the model backend."""
 
     backend: str = field(
@@ -56,7 +56,7 @@ def check_unsloth() -> None:
         raise UserInputError("backend: unsloth is not installed; pip install 'hf_ext[unsloth]' or use backend: transformers")
 
 
-class Trainer(StageTrainerMixin, trl.DPOTrainer):
+class HfExtDPOTrainer(StageTrainerMixin, trl.DPOTrainer):
     _tag_names = ["trl", "dpo", "hf_ext"]
     _name = "DPO"
 
@@ -66,42 +66,58 @@ class Trainer(StageTrainerMixin, trl.DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
 
-def build_datasets(script_args, training_args, tokenizer) -> DatasetDict:
-    """`train` (and `test`) as `prompt_ids` / `chosen_ids` / `rejected_ids`, every pair validated first."""
-    splits = load_splits(script_args, seed=training_args.seed)
-    source = describe_source(script_args)
-    if script_args.task:
-        from hf_ext.data.tasks import TASKS
+class DPOStage(Stage):
+    """Direct Preference Optimization on (prompt, chosen, rejected) pairs."""
 
-        splits = DatasetDict({name: task_pairs(TASKS[script_args.task], rows, training_args.seed) for name, rows in splits.items()})
-    columns = splits["train"].column_names
-    if not {"prompt", "chosen", "rejected"} <= set(columns):
-        raise UserInputError(f"{source}: DPO needs columns prompt, chosen, rejected; found {', '.join(columns)}")
-    # As in SFT, `auto` on prompt/response text is plain text; `messages` renders the prompt as a chat turn.
-    data_format = FORMATS["prompt_completion" if script_args.data_format == "auto" else script_args.data_format]
+    name = "dpo"
+    config_class = HfExtDPOConfig
+    trainer_class = HfExtDPOTrainer
+    card_description = CARD_DESCRIPTION
 
-    encoded = {}
-    for name, rows in splits.items():
-        for index, row in enumerate(rows):
-            problem = validate_pair(row)
-            if problem:
-                raise UserInputError(f"{source} [{name}]: row {index}: {problem}")
+    def build_datasets(self, script_args, training_args, tokenizer) -> DatasetDict:
+        """`train` (and `test`) as `prompt_ids` / `chosen_ids` / `rejected_ids`, every pair validated first."""
+        splits = load_splits(script_args, seed=training_args.seed)
+        source = describe_source(script_args)
+        if script_args.task:
+            from hf_ext.data.tasks import TASKS
 
-        def encode(row):
-            return {
-                "prompt_ids": data_format.prompt_ids(row["prompt"], tokenizer),
-                "chosen_ids": data_format.response_ids(row["prompt"], row["chosen"], tokenizer),
-                "rejected_ids": data_format.response_ids(row["prompt"], row["rejected"], tokenizer),
-            }
+            splits = DatasetDict({name: task_pairs(TASKS[script_args.task], rows, training_args.seed) for name, rows in splits.items()})
+        columns = splits["train"].column_names
+        if not {"prompt", "chosen", "rejected"} <= set(columns):
+            raise UserInputError(f"{source}: DPO needs columns prompt, chosen, rejected; found {', '.join(columns)}")
+        # As in SFT, `auto` on prompt/response text is plain text; `messages` renders the prompt as a chat turn.
+        data_format = FORMATS["prompt_completion" if script_args.data_format == "auto" else script_args.data_format]
 
-        encoded[name] = rows.map(encode, remove_columns=rows.column_names, desc=f"Encoding {source} [{name}] ({data_format.name})")
-        if training_args.max_length is not None:
-            for index, row in enumerate(encoded[name]):
-                length = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
-                if length > training_args.max_length:
-                    raise UserInputError(
-                        f"{source} [{name}]: row {index}: {length} tokens is longer than max_length {training_args.max_length}"
-                    )
-    if len(encoded["train"]) == 0:
-        raise UserInputError(f"{source}: no training pairs")
-    return DatasetDict(encoded)
+        encoded = {}
+        for name, rows in splits.items():
+            for index, row in enumerate(rows):
+                problem = validate_pair(row)
+                if problem:
+                    raise UserInputError(f"{source} [{name}]: row {index}: {problem}")
+
+            def encode(row):
+                return {
+                    "prompt_ids": data_format.prompt_ids(row["prompt"], tokenizer),
+                    "chosen_ids": data_format.response_ids(row["prompt"], row["chosen"], tokenizer),
+                    "rejected_ids": data_format.response_ids(row["prompt"], row["rejected"], tokenizer),
+                }
+
+            encoded[name] = rows.map(encode, remove_columns=rows.column_names, desc=f"Encoding {source} [{name}] ({data_format.name})")
+            if training_args.max_length is not None:
+                for index, row in enumerate(encoded[name]):
+                    length = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+                    if length > training_args.max_length:
+                        raise UserInputError(
+                            f"{source} [{name}]: row {index}: {length} tokens is longer than max_length {training_args.max_length}"
+                        )
+        if len(encoded["train"]) == 0:
+            raise UserInputError(f"{source}: no training pairs")
+        return DatasetDict(encoded)
+
+    def load_model(self, recipe, tokenizer):
+        """The named model, through Unsloth's loader with `backend: unsloth`."""
+        if recipe.training_args.backend == "unsloth":
+            from hf_ext.loading import load_unsloth_model
+
+            return load_unsloth_model(recipe.model_args, recipe.training_args.max_length or 2048)
+        return super().load_model(recipe, tokenizer)

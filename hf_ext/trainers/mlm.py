@@ -26,10 +26,9 @@ from datasets import DatasetDict
 from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification
 
 from hf_ext.errors import UserInputError
-from hf_ext.trainers.base import StageConfigMixin, StageTrainerMixin
+from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin, final_evaluation
 from hf_ext.trainers.pretrain import build_config, describe_model
 
-LOSS_LABEL = "masked-LM loss (masked residues, nats)"
 CARD_DESCRIPTION = (
     "Masked-language-model training of a bidirectional model (a `transformers.Trainer` subclass with BERT-style "
     "masking); loss on the masked residues only."
@@ -38,7 +37,7 @@ CORPORA = ("antibody_germlines",)
 
 
 @dataclass
-class Config(StageConfigMixin, transformers.TrainingArguments):
+class HfExtMLMConfig(StageConfigMixin, transformers.TrainingArguments):
     """`transformers.TrainingArguments` plus the model to build, the masking and the sequence checks."""
 
     _VALID_DICT_FIELDS = transformers.TrainingArguments._VALID_DICT_FIELDS + ["config_overrides"]
@@ -87,11 +86,11 @@ class MaskedLMCollator:
         return self.padding(features) if "labels" in features[0] else self.masking(features)
 
 
-class Trainer(StageTrainerMixin, transformers.Trainer):
+class HfExtMLMTrainer(StageTrainerMixin, transformers.Trainer):
     _tag_names = ["mlm", "hf_ext"]
     _name = "MLM"
 
-    def __init__(self, model, args: Config, processing_class, peft_config=None, data_collator=None, **kwargs):
+    def __init__(self, model, args: HfExtMLMConfig, processing_class, peft_config=None, data_collator=None, **kwargs):
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -123,31 +122,6 @@ def _sequence_splits(script_args, training_args) -> tuple[DatasetDict, str]:
     raise UserInputError("mlm: set `corpus` (antibody_germlines) or `dataset_name` (a dataset with a sequence column)")
 
 
-def build_datasets(script_args, training_args, tokenizer) -> DatasetDict:
-    """`train`: `input_ids` per sequence (masked anew every batch); `test`: `input_ids` + `labels`, masked once."""
-    from hf_ext.data.protein import validate_sequences
-
-    splits, source = _sequence_splits(script_args, training_args)
-    encoded = {}
-    for split, rows in splits.items():
-        if "sequence" not in rows.column_names:
-            raise UserInputError(f"{source} [{split}]: no 'sequence' column (has: {', '.join(rows.column_names)})")
-        sequences = validate_sequences(rows["sequence"], training_args.on_unknown, source=f"{source} [{split}]")
-        ids = tokenizer(sequences, truncation=False)["input_ids"]
-        for index, row in enumerate(ids):
-            if len(row) > training_args.max_length:
-                raise UserInputError(
-                    f"{source} [{split}] sequence {index}: {len(row)} tokens with <cls>/<eos>, more than max_length "
-                    f"{training_args.max_length}"
-                )
-        encoded[split] = rows.from_dict({"input_ids": ids})
-    if len(encoded["train"]) == 0:
-        raise UserInputError(f"{source}: the training split is empty")
-    if "test" in encoded and len(encoded["test"]):
-        encoded["test"] = mask_once(encoded["test"], tokenizer, training_args.mlm_probability, training_args.seed)
-    return DatasetDict(encoded)
-
-
 def mask_once(dataset, tokenizer, mlm_probability: float, seed: int):
     """The validation rows masked with a fixed seed: every evaluation scores the same masked positions."""
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
@@ -159,94 +133,128 @@ def mask_once(dataset, tokenizer, mlm_probability: float, seed: int):
     return dataset.from_dict({"input_ids": input_ids, "labels": labels})
 
 
-def load_tokenizer(recipe):
-    from hf_ext.data.protein import build_protein_tokenizer
-    from hf_ext.loading import load_tokenizer as load_named_tokenizer
+class MLMStage(Stage):
+    """Masked-LM training of a bidirectional model on protein sequences."""
 
-    args, model_args = recipe.training_args, recipe.model_args
-    if args.tokenizer_name_or_path:
-        return load_named_tokenizer(args.tokenizer_name_or_path)
-    if model_args.model_name_or_path:
-        return load_named_tokenizer(model_args.model_name_or_path)
-    return build_protein_tokenizer(model_max_length=args.max_length)
+    name = "mlm"
+    config_class = HfExtMLMConfig
+    trainer_class = HfExtMLMTrainer
+    card_description = CARD_DESCRIPTION
+    loss_label = "masked-LM loss (masked residues, nats)"
+    takes_corpus = True
 
+    def eval_dataset(self, datasets: dict, training_args):
+        return datasets.get("test")  # `final_metrics` evaluates on it
 
-def load_model(recipe, tokenizer):
-    """A new bidirectional `model_type` (vocabulary and special tokens from the tokenizer), or `model_name_or_path`."""
-    from transformers import AutoModelForMaskedLM, set_seed
+    def build_datasets(self, script_args, training_args, tokenizer) -> DatasetDict:
+        """`train`: `input_ids` per sequence (masked anew every batch); `test`: `input_ids` + `labels`, masked once."""
+        from hf_ext.data.protein import validate_sequences
 
-    from hf_ext.data.protein import PROTEIN_MODEL_VOCAB_SIZE
+        splits, source = _sequence_splits(script_args, training_args)
+        encoded = {}
+        for split, rows in splits.items():
+            if "sequence" not in rows.column_names:
+                raise UserInputError(f"{source} [{split}]: no 'sequence' column (has: {', '.join(rows.column_names)})")
+            sequences = validate_sequences(rows["sequence"], training_args.on_unknown, source=f"{source} [{split}]")
+            ids = tokenizer(sequences, truncation=False)["input_ids"]
+            for index, row in enumerate(ids):
+                if len(row) > training_args.max_length:
+                    raise UserInputError(
+                        f"{source} [{split}] sequence {index}: {len(row)} tokens with <cls>/<eos>, more than max_length "
+                        f"{training_args.max_length}"
+                    )
+            encoded[split] = rows.from_dict({"input_ids": ids})
+        if len(encoded["train"]) == 0:
+            raise UserInputError(f"{source}: the training split is empty")
+        if "test" in encoded and len(encoded["test"]):
+            encoded["test"] = mask_once(encoded["test"], tokenizer, training_args.mlm_probability, training_args.seed)
+        return DatasetDict(encoded)
 
-    args, model_args = recipe.training_args, recipe.model_args
-    if model_args.model_name_or_path:
-        return AutoModelForMaskedLM.from_pretrained(
-            model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+    def load_tokenizer(self, recipe):
+        from hf_ext.data.protein import build_protein_tokenizer
+        from hf_ext.loading import load_tokenizer as load_named_tokenizer
+
+        args, model_args = recipe.training_args, recipe.model_args
+        if args.tokenizer_name_or_path:
+            return load_named_tokenizer(args.tokenizer_name_or_path)
+        if model_args.model_name_or_path:
+            return load_named_tokenizer(model_args.model_name_or_path)
+        return build_protein_tokenizer(model_max_length=args.max_length)
+
+    def load_model(self, recipe, tokenizer):
+        """A new bidirectional `model_type` (vocabulary and special tokens from the tokenizer), or `model_name_or_path`."""
+        from transformers import AutoModelForMaskedLM, set_seed
+
+        from hf_ext.data.protein import PROTEIN_MODEL_VOCAB_SIZE
+
+        args, model_args = recipe.training_args, recipe.model_args
+        if model_args.model_name_or_path:
+            return AutoModelForMaskedLM.from_pretrained(
+                model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+            )
+        fields = dict(
+            vocab_size=max(len(tokenizer), PROTEIN_MODEL_VOCAB_SIZE),  # the protein vocabulary rounded up to 32
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **bidirectional_fields(args.model_type),
         )
-    fields = dict(
-        vocab_size=max(len(tokenizer), PROTEIN_MODEL_VOCAB_SIZE),  # the protein vocabulary rounded up to 32
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **bidirectional_fields(args.model_type),
-    )
-    config = build_config(args.model_type, args.config_overrides, **fields)
-    set_seed(args.seed)  # the initial weights depend on the recipe's seed only
-    return AutoModelForMaskedLM.from_config(config)
+        config = build_config(args.model_type, args.config_overrides, **fields)
+        set_seed(args.seed)  # the initial weights depend on the recipe's seed only
+        return AutoModelForMaskedLM.from_config(config)
 
+    def final_metrics(self, trainer) -> dict:
+        """Held-out MLM loss and perplexity of the final model, its size and the residues it was trained on."""
+        metrics: dict = {"model": describe_model(trainer.accelerator.unwrap_model(trainer.model))}
+        train = trainer.train_dataset
+        metrics["train_sequences"] = len(train)
+        metrics["train_tokens_per_epoch"] = sum(len(ids) for ids in train["input_ids"])
+        if trainer.eval_dataset is not None and len(trainer.eval_dataset):
+            evaluation = final_evaluation(trainer)
+            metrics["validation"] = {k.removeprefix("eval_"): v for k, v in evaluation.items() if k != "epoch"}
+            metrics["validation"]["sequences"] = len(trainer.eval_dataset)
+            metrics["validation"]["masked_tokens"] = sum(
+                sum(label != -100 for label in row) for row in trainer.eval_dataset["labels"]
+            )
+        return metrics
 
-def final_metrics(trainer) -> dict:
-    """Held-out MLM loss and perplexity of the final model, its size and the residues it was trained on."""
-    metrics: dict = {"model": describe_model(trainer.accelerator.unwrap_model(trainer.model))}
-    train = trainer.train_dataset
-    metrics["train_sequences"] = len(train)
-    metrics["train_tokens_per_epoch"] = sum(len(ids) for ids in train["input_ids"])
-    if trainer.eval_dataset is not None and len(trainer.eval_dataset):
-        evaluation = trainer.evaluate()
-        metrics["validation"] = {k.removeprefix("eval_"): v for k, v in evaluation.items() if k != "epoch"}
-        metrics["validation"]["sequences"] = len(trainer.eval_dataset)
-        metrics["validation"]["masked_tokens"] = sum(
-            sum(label != -100 for label in row) for row in trainer.eval_dataset["labels"]
+    def render_card(self, recipe, metrics: dict):
+        """`model_cards/mamba_ssm.md` (the architecture's card) with this run's numbers."""
+        from huggingface_hub import ModelCard, ModelCardData
+
+        from hf_ext.resources import shipped_path
+
+        args = recipe.training_args
+        model = metrics["model"]
+        validation = metrics.get("validation", {})
+        card_data = ModelCardData(
+            model_name=Path(args.output_dir).name,
+            library_name="transformers",
+            pipeline_tag="fill-mask",
+            license="apache-2.0",
+            tags=["hf_ext", "mlm", "protein", "antibody", model["model_type"]],
         )
-    return metrics
-
-
-def render_card(recipe, metrics: dict):
-    """`model_cards/mamba_ssm.md` (the architecture's card) with this run's numbers."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from hf_ext.resources import shipped_path
-
-    args = recipe.training_args
-    model = metrics["model"]
-    validation = metrics.get("validation", {})
-    card_data = ModelCardData(
-        model_name=Path(args.output_dir).name,
-        library_name="transformers",
-        pipeline_tag="fill-mask",
-        license="apache-2.0",
-        tags=["hf_ext", "mlm", "protein", "antibody", model["model_type"]],
-    )
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(shipped_path("model_cards", "mamba_ssm.md")),
-        model_name=Path(args.output_dir).name,
-        model_type=model["model_type"],
-        objective="masked language modelling (bidirectional)",
-        auto_class="AutoModelForMaskedLM",
-        parameters=f"{model['parameters'] / 1e6:.2f}M",
-        config=args.config_overrides or {},
-        stage_description=CARD_DESCRIPTION,
-        data_description=(
-            f"`{recipe.script_args.corpus}` (hf_ext built-in: human IMGT germline V-J assemblies from `abnumber`, "
-            "validation = held-out V genes)" if recipe.script_args.corpus else f"`{recipe.script_args.dataset_name}`"
-        ),
-        global_step=metrics.get("global_step"),
-        validation_loss=f"{validation['loss']:.4f}" if "loss" in validation else "n/a",
-        validation_perplexity=f"{validation['perplexity']:.2f}" if "perplexity" in validation else "n/a",
-        perplexity_definition=(
-            f"exp(mean cross-entropy over the {validation.get('masked_tokens', 'n/a')} residues of the "
-            f"{validation.get('sequences', 'n/a')} held-out sequences masked once with seed {args.seed} "
-            f"(BERT scheme, mlm_probability {args.mlm_probability})"
-        ),
-        seed=args.seed,
-    )
+        return ModelCard.from_template(
+            card_data,
+            template_path=str(shipped_path("model_cards", "mamba_ssm.md")),
+            model_name=Path(args.output_dir).name,
+            model_type=model["model_type"],
+            objective="masked language modelling (bidirectional)",
+            auto_class="AutoModelForMaskedLM",
+            parameters=f"{model['parameters'] / 1e6:.2f}M",
+            config=args.config_overrides or {},
+            stage_description=CARD_DESCRIPTION,
+            data_description=(
+                f"`{recipe.script_args.corpus}` (hf_ext built-in: human IMGT germline V-J assemblies from `abnumber`, "
+                "validation = held-out V genes)" if recipe.script_args.corpus else f"`{recipe.script_args.dataset_name}`"
+            ),
+            global_step=metrics.get("global_step"),
+            validation_loss=f"{validation['loss']:.4f}" if "loss" in validation else "n/a",
+            validation_perplexity=f"{validation['perplexity']:.2f}" if "perplexity" in validation else "n/a",
+            perplexity_definition=(
+                f"exp(mean cross-entropy over the {validation.get('masked_tokens', 'n/a')} residues of the "
+                f"{validation.get('sequences', 'n/a')} held-out sequences masked once with seed {args.seed} "
+                f"(BERT scheme, mlm_probability {args.mlm_probability})"
+            ),
+            seed=args.seed,
+        )

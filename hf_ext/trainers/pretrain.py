@@ -24,9 +24,8 @@ import trl
 from datasets import DatasetDict
 
 from hf_ext.errors import UserInputError
-from hf_ext.trainers.base import StageConfigMixin, StageTrainerMixin
+from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin, final_evaluation
 
-LOSS_LABEL = "loss (every token, nats)"
 CARD_DESCRIPTION = (
     "Causal language-model pretraining from scratch (a `trl.SFTTrainer` subclass): documents joined with EOS and "
     "packed into fixed-length blocks, loss on every token."
@@ -34,7 +33,7 @@ CARD_DESCRIPTION = (
 
 
 @dataclass
-class Config(StageConfigMixin, trl.SFTConfig):
+class HfExtPretrainConfig(StageConfigMixin, trl.SFTConfig):
     """`trl.SFTConfig` set up for language modelling, plus how to build the model and where the text comes from."""
 
     _VALID_DICT_FIELDS = trl.SFTConfig._VALID_DICT_FIELDS + ["config_overrides"]
@@ -66,7 +65,7 @@ class Config(StageConfigMixin, trl.SFTConfig):
             build_config(self.model_type, self.config_overrides)
 
 
-class Trainer(StageTrainerMixin, trl.SFTTrainer):
+class HfExtPretrainTrainer(StageTrainerMixin, trl.SFTTrainer):
     _tag_names = ["trl", "pretrain", "hf_ext"]
     _name = "Pretrain"
 
@@ -130,39 +129,6 @@ def _text_splits(script_args, training_args) -> tuple[DatasetDict, str]:
     return splits, source
 
 
-def build_datasets(script_args, training_args, tokenizer) -> DatasetDict:
-    """`train` and `test` with one `text` column of non-empty documents; TRL tokenizes and packs them."""
-    splits, source = _text_splits(script_args, training_args)
-    column = training_args.dataset_text_field
-    checked = {}
-    for split, rows in splits.items():
-        if column not in rows.column_names:
-            raise UserInputError(f"{source} [{split}]: no {column!r} column (has: {', '.join(rows.column_names)})")
-        for index, text in enumerate(rows[column]):
-            if not isinstance(text, str) or not text.strip():
-                raise UserInputError(f"{source} [{split}] row {index}: {column!r} must be non-empty text, got {text!r:.60}")
-        checked[split] = rows.select_columns([column])
-    if len(checked["train"]) == 0:
-        raise UserInputError(f"{source}: the training split is empty")
-    return DatasetDict(checked)
-
-
-def load_tokenizer(recipe):
-    """The tokenizer named by the recipe, the model's own, or a SentencePiece tokenizer trained on the corpus."""
-    from hf_ext.loading import load_tokenizer as load_named_tokenizer
-
-    args, model_args, corpus = recipe.training_args, recipe.model_args, recipe.script_args.corpus
-    check_model_source(recipe)
-    if args.tokenizer_name_or_path:
-        return load_named_tokenizer(args.tokenizer_name_or_path)
-    if model_args.model_name_or_path:
-        return load_named_tokenizer(model_args.model_name_or_path)
-    if not corpus:
-        raise UserInputError("pretrain: set tokenizer_name_or_path, or a corpus to train a tokenizer on")
-    splits, _ = _text_splits(recipe.script_args, args)
-    return corpus_tokenizer(splits["train"]["text"], args.tokenizer_vocab_size, name=corpus)
-
-
 def corpus_tokenizer(texts: list[str], vocab_size: int, name: str):
     """A SentencePiece tokenizer trained on `texts` (the training split only), cached by content and settings."""
     import sentencepiece
@@ -215,29 +181,6 @@ def build_config(model_type: str, overrides: dict | None, **fields):
     return config
 
 
-def load_model(recipe, tokenizer):
-    """A new model of `model_type` (vocabulary and special tokens from the tokenizer), or `model_name_or_path`."""
-    from transformers import AutoModelForCausalLM, set_seed
-
-    from hf_ext.loading import load_model as load_named_model
-
-    args, model_args = recipe.training_args, recipe.model_args
-    check_model_source(recipe)
-    if not args.model_type:
-        return load_named_model(model_args, trust_remote_code=args.trust_remote_code, trainable_adapter=True)
-    fields = dict(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        max_position_embeddings=args.max_length,
-    )
-    config = build_config(args.model_type, args.config_overrides, **fields)
-    set_seed(args.seed)  # the initial weights depend on the recipe's seed only
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
-    return model
-
-
 def describe_model(model) -> dict:
     return {
         "model_type": model.config.model_type,
@@ -246,64 +189,129 @@ def describe_model(model) -> dict:
     }
 
 
-def final_metrics(trainer) -> dict:
-    """Validation loss and perplexity of the final model, its size and the tokens it was trained on."""
-    metrics: dict = {"model": describe_model(trainer.accelerator.unwrap_model(trainer.model))}
-    args = trainer.args
-    metrics["tokens_seen"] = (
-        trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
-        * args.world_size * args.max_length
-    )
-    if trainer.eval_dataset is not None:
-        evaluation = trainer.evaluate()
-        metrics["validation"] = {
-            k.removeprefix("eval_"): v for k, v in evaluation.items() if k not in ("epoch", "eval_num_tokens")
-        }
-        metrics["validation"]["blocks"] = len(trainer.eval_dataset)
-        stats = trainer.hyper_connection_stats()
-        if stats is not None:
-            metrics["hyper_connections"] = stats
-    return metrics
+class PretrainStage(Stage):
+    """Causal-LM pretraining on packed raw text, from scratch or continued."""
 
+    name = "pretrain"
+    config_class = HfExtPretrainConfig
+    trainer_class = HfExtPretrainTrainer
+    card_description = CARD_DESCRIPTION
+    loss_label = "loss (every token, nats)"
+    takes_corpus = True
 
-def render_card(recipe, metrics: dict):
-    """The architecture's card (`model_cards/<model_type>.md`, else `pretrained_lm.md`) with this run's numbers."""
-    from huggingface_hub import ModelCard, ModelCardData
+    def eval_dataset(self, datasets: dict, training_args):
+        return datasets.get("test")  # `final_metrics` evaluates on it
 
-    from hf_ext.resources import shipped_path
+    def build_datasets(self, script_args, training_args, tokenizer) -> DatasetDict:
+        """`train` and `test` with one `text` column of non-empty documents; TRL tokenizes and packs them."""
+        splits, source = _text_splits(script_args, training_args)
+        column = training_args.dataset_text_field
+        checked = {}
+        for split, rows in splits.items():
+            if column not in rows.column_names:
+                raise UserInputError(f"{source} [{split}]: no {column!r} column (has: {', '.join(rows.column_names)})")
+            for index, text in enumerate(rows[column]):
+                if not isinstance(text, str) or not text.strip():
+                    raise UserInputError(f"{source} [{split}] row {index}: {column!r} must be non-empty text, got {text!r:.60}")
+            checked[split] = rows.select_columns([column])
+        if len(checked["train"]) == 0:
+            raise UserInputError(f"{source}: the training split is empty")
+        return DatasetDict(checked)
 
-    args = recipe.training_args
-    model = metrics["model"]
-    try:
-        template = shipped_path("model_cards", f"{model['model_type']}.md")
-    except FileNotFoundError:  # an architecture without a card of its own
-        template = shipped_path("model_cards", "pretrained_lm.md")
-    validation = metrics.get("validation", {})
-    card_data = ModelCardData(
-        model_name=Path(args.output_dir).name,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        license="apache-2.0",
-        tags=["hf_ext", "pretrain", "trl", model["model_type"]],
-    )
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template),
-        model_name=Path(args.output_dir).name,
-        model_type=model["model_type"],
-        parameters=f"{model['parameters'] / 1e6:.2f}M",
-        parameters_without_embeddings=f"{model['parameters_without_embeddings'] / 1e6:.2f}M",
-        config=args.config_overrides or {},
-        stage_description=CARD_DESCRIPTION,
-        data_description=(
-            f"`{recipe.script_args.corpus}` (hf_ext built-in corpus)" if recipe.script_args.corpus
-            else f"`{recipe.script_args.dataset_name}`"
-        ),
-        block_length=args.max_length,
-        global_step=metrics.get("global_step"),
-        tokens_seen=f"{metrics.get('tokens_seen', 0) / 1e6:.2f}M",
-        validation_loss=f"{validation['loss']:.4f}" if "loss" in validation else "n/a",
-        validation_perplexity=f"{validation['perplexity']:.2f}" if "perplexity" in validation else "n/a",
-        validation=validation,
-        seed=args.seed,
-    )
+    def load_tokenizer(self, recipe):
+        """The tokenizer named by the recipe, the model's own, or a SentencePiece tokenizer trained on the corpus."""
+        from hf_ext.loading import load_tokenizer as load_named_tokenizer
+
+        args, model_args, corpus = recipe.training_args, recipe.model_args, recipe.script_args.corpus
+        check_model_source(recipe)
+        if args.tokenizer_name_or_path:
+            return load_named_tokenizer(args.tokenizer_name_or_path)
+        if model_args.model_name_or_path:
+            return load_named_tokenizer(model_args.model_name_or_path)
+        if not corpus:
+            raise UserInputError("pretrain: set tokenizer_name_or_path, or a corpus to train a tokenizer on")
+        splits, _ = _text_splits(recipe.script_args, args)
+        return corpus_tokenizer(splits["train"]["text"], args.tokenizer_vocab_size, name=corpus)
+
+    def load_model(self, recipe, tokenizer):
+        """A new model of `model_type` (vocabulary and special tokens from the tokenizer), or `model_name_or_path`."""
+        from transformers import AutoModelForCausalLM, set_seed
+
+        from hf_ext.loading import load_model as load_named_model
+
+        args, model_args = recipe.training_args, recipe.model_args
+        check_model_source(recipe)
+        if not args.model_type:
+            return load_named_model(model_args, trust_remote_code=args.trust_remote_code, trainable_adapter=True)
+        fields = dict(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            max_position_embeddings=args.max_length,
+        )
+        config = build_config(args.model_type, args.config_overrides, **fields)
+        set_seed(args.seed)  # the initial weights depend on the recipe's seed only
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
+        return model
+
+    def final_metrics(self, trainer) -> dict:
+        """Validation loss and perplexity of the final model, its size and the tokens it was trained on."""
+        metrics: dict = {"model": describe_model(trainer.accelerator.unwrap_model(trainer.model))}
+        args = trainer.args
+        metrics["tokens_seen"] = (
+            trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            * args.world_size * args.max_length
+        )
+        if trainer.eval_dataset is not None:
+            evaluation = final_evaluation(trainer)
+            metrics["validation"] = {
+                k.removeprefix("eval_"): v for k, v in evaluation.items() if k not in ("epoch", "eval_num_tokens")
+            }
+            metrics["validation"]["blocks"] = len(trainer.eval_dataset)
+            stats = trainer.hyper_connection_stats()
+            if stats is not None:
+                metrics["hyper_connections"] = stats
+        return metrics
+
+    def render_card(self, recipe, metrics: dict):
+        """The architecture's card (`model_cards/<model_type>.md`, else `pretrained_lm.md`) with this run's numbers."""
+        from huggingface_hub import ModelCard, ModelCardData
+
+        from hf_ext.resources import shipped_path
+
+        args = recipe.training_args
+        model = metrics["model"]
+        try:
+            template = shipped_path("model_cards", f"{model['model_type']}.md")
+        except FileNotFoundError:  # an architecture without a card of its own
+            template = shipped_path("model_cards", "pretrained_lm.md")
+        validation = metrics.get("validation", {})
+        card_data = ModelCardData(
+            model_name=Path(args.output_dir).name,
+            library_name="transformers",
+            pipeline_tag="text-generation",
+            license="apache-2.0",
+            tags=["hf_ext", "pretrain", "trl", model["model_type"]],
+        )
+        return ModelCard.from_template(
+            card_data,
+            template_path=str(template),
+            model_name=Path(args.output_dir).name,
+            model_type=model["model_type"],
+            parameters=f"{model['parameters'] / 1e6:.2f}M",
+            parameters_without_embeddings=f"{model['parameters_without_embeddings'] / 1e6:.2f}M",
+            config=args.config_overrides or {},
+            stage_description=CARD_DESCRIPTION,
+            data_description=(
+                f"`{recipe.script_args.corpus}` (hf_ext built-in corpus)" if recipe.script_args.corpus
+                else f"`{recipe.script_args.dataset_name}`"
+            ),
+            block_length=args.max_length,
+            global_step=metrics.get("global_step"),
+            tokens_seen=f"{metrics.get('tokens_seen', 0) / 1e6:.2f}M",
+            validation_loss=f"{validation['loss']:.4f}" if "loss" in validation else "n/a",
+            validation_perplexity=f"{validation['perplexity']:.2f}" if "perplexity" in validation else "n/a",
+            validation=validation,
+            seed=args.seed,
+        )

@@ -14,7 +14,7 @@ from datasets import DatasetDict
 from hf_ext.data.formats import detect_format, encode_dataset
 from hf_ext.data.sources import describe_source, load_splits
 from hf_ext.errors import UserInputError
-from hf_ext.trainers.base import StageConfigMixin, StageTrainerMixin
+from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin
 
 CARD_DESCRIPTION = (
     "Supervised fine-tuning (a `trl.SFTTrainer` subclass); the loss covers the response tokens and their "
@@ -23,7 +23,7 @@ CARD_DESCRIPTION = (
 
 
 @dataclass
-class Config(StageConfigMixin, trl.SFTConfig):
+class HfExtSFTConfig(StageConfigMixin, trl.SFTConfig):
     """`trl.SFTConfig`; the loss is on the response tokens unless `completion_only_loss: false`."""
 
     def __post_init__(self):
@@ -37,22 +37,30 @@ class Config(StageConfigMixin, trl.SFTConfig):
         super().__post_init__()
 
 
-class Trainer(StageTrainerMixin, trl.SFTTrainer):
+class HfExtSFTTrainer(StageTrainerMixin, trl.SFTTrainer):
     _tag_names = ["trl", "sft", "hf_ext"]
     _name = "SFT"
 
 
-def build_datasets(script_args, training_args, tokenizer) -> DatasetDict:
-    """`train` (and `test` if the data has one) as `input_ids` + `completion_mask`, every row validated first."""
-    splits = load_splits(script_args, seed=training_args.seed)
-    source = describe_source(script_args)
-    data_format = detect_format(splits["train"].column_names, script_args.data_format, source)
-    encoded = DatasetDict(
-        {
-            split: encode_dataset(rows, data_format, tokenizer, training_args.max_length, f"{source} [{split}]")
-            for split, rows in splits.items()
-        }
-    )
-    if len(encoded["train"]) == 0:
-        raise UserInputError(f"{source}: the training split is empty")
-    return encoded
+class SFTStage(Stage):
+    """Supervised fine-tuning with loss on the response tokens only."""
+
+    name = "sft"
+    config_class = HfExtSFTConfig
+    trainer_class = HfExtSFTTrainer
+    card_description = CARD_DESCRIPTION
+
+    def build_datasets(self, script_args, training_args, tokenizer) -> DatasetDict:
+        """`train` (and `test` if the data has one) as `input_ids` + `completion_mask`, every row validated first."""
+        splits = load_splits(script_args, seed=training_args.seed)
+        source = describe_source(script_args)
+        data_format = detect_format(splits["train"].column_names, script_args.data_format, source)
+        encoded = DatasetDict(
+            {
+                split: encode_dataset(rows, data_format, tokenizer, training_args.max_length, f"{source} [{split}]")
+                for split, rows in splits.items()
+            }
+        )
+        if len(encoded["train"]) == 0:
+            raise UserInputError(f"{source}: the training split is empty")
+        return encoded
