@@ -203,6 +203,39 @@ def load_model(model_args, trust_remote_code: bool = False, trainable_adapter: b
     return model
 
 
+def build_config(model_type: str, overrides: dict | None, **fields):
+    """`AutoConfig.for_model(model_type, **fields, **overrides)`, with a one-line error naming the bad field.
+
+    Unknown fields are errors (a config would silently keep them as attributes that nothing reads)."""
+    import dataclasses
+    import difflib
+
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(model_type, **{**fields, **(overrides or {})})
+    except (ValueError, KeyError, TypeError) as error:
+        message = re.sub(r"\s+", " ", str(error)).strip()
+        raise UserInputError(f"model_type {model_type} / config_overrides: {message[:300]}") from None
+    known = {f.name for f in dataclasses.fields(type(config))}
+    for key in overrides or {}:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserInputError(f"config_overrides: {model_type} has no field {key!r}{hint}")
+    return config
+
+
+def new_model(auto_class, model_type: str, overrides: dict | None, seed: int, fields: dict | None = None, **kwargs):
+    """A newly initialised `model_type` (`build_config(model_type, overrides, **fields)`) through `auto_class`
+    (`AutoModelForCausalLM`, ...); its initial weights depend on `seed` only. `kwargs` go to `from_config`."""
+    from transformers import set_seed
+
+    config = build_config(model_type, overrides, **(fields or {}))
+    set_seed(seed)
+    return auto_class.from_config(config, **kwargs)
+
+
 def keep_cpu_inference_general(model) -> None:
     """bitsandbytes' AVX512-BF16 CPU inference path repacks 4-bit weights in blocks of 32 output rows and asserts on
     any other shape (e.g. Mamba's `in_proj`, 2 * d_inner + 2 * n_groups * state_size + num_heads rows). Such layers

@@ -32,8 +32,8 @@ import transformers
 
 from hf_ext.data.arc import Augmentation, Example, GridCollator, load_subset, load_training_tasks
 from hf_ext.errors import UserInputError
-from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin
-from hf_ext.trainers.pretrain import build_config, describe_model
+from hf_ext.loading import build_config
+from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin, describe_model, wrap_peft
 
 CARD_DESCRIPTION = "Grid training on real ARC tasks (a `transformers.Trainer` subclass) with augmentation and voting."
 PROTOCOLS = ("ttt", "unseen")
@@ -161,10 +161,7 @@ class HfExtArcTrainer(StageTrainerMixin, transformers.Trainer):
     _name = "ARC"
 
     def __init__(self, model, args: HfExtArcConfig, processing_class=None, peft_config=None, data_collator=None, **kwargs):
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
+        model = wrap_peft(model, peft_config)
         data_collator = data_collator or GridCollator(
             context=model.config.variant == "champion", margin=args.canvas_margin,
             pad_to_max_side=args.pad_to_max_side, max_context_pairs=args.max_context_pairs,
@@ -203,7 +200,9 @@ class ArcStage(Stage):
         return None  # grids are the input: no tokenizer
 
     def load_model(self, recipe, tokenizer=None):
-        from transformers import AutoModelForSemanticSegmentation, set_seed
+        from transformers import AutoModelForSemanticSegmentation
+
+        from hf_ext.loading import new_model
 
         args, model_args = recipe.training_args, recipe.model_args
         tasks = training_tasks(args)
@@ -217,9 +216,7 @@ class ArcStage(Stage):
                 )
             return model
         fields = dict(num_tasks=len(tasks.names), task_names=list(tasks.names)) if args.task_embedding else {}
-        config = build_config(args.model_type, args.config_overrides, **fields)
-        set_seed(args.seed)
-        return AutoModelForSemanticSegmentation.from_config(config)
+        return new_model(AutoModelForSemanticSegmentation, args.model_type, args.config_overrides, args.seed, fields)
 
     def final_metrics(self, trainer) -> dict:
         """The ARC evaluation of the final model on the eval subset, under the recipe's protocol; writes the attempts."""

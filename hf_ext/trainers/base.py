@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -53,6 +54,29 @@ class StageTrainerMixin:
         if pickled.exists():
             os.remove(pickled)
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+
+
+def describe_model(model) -> dict:
+    return {
+        "model_type": model.config.model_type,
+        "parameters": model.num_parameters(),
+        "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
+    }
+
+
+def perplexity(loss: float) -> float:
+    """`exp(loss)`, capped at `exp(50)` so an early, huge loss logs a number rather than `inf`."""
+    return math.exp(min(loss, 50.0))
+
+
+def wrap_peft(model, peft_config):
+    """`model` with a new PEFT adapter when `peft_config` is given (what TRL's trainers do for themselves; the stages
+    built on `transformers.Trainer` call this)."""
+    if peft_config is None:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)
 
 
 def final_evaluation(trainer) -> dict:

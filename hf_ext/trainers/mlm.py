@@ -15,7 +15,6 @@ masked positions)`, so every evaluation of every run on the same data scores the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,16 @@ from datasets import DatasetDict
 from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification
 
 from hf_ext.errors import UserInputError
-from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin, final_evaluation
-from hf_ext.trainers.pretrain import build_config, describe_model
+from hf_ext.loading import build_config
+from hf_ext.trainers.base import (
+    Stage,
+    StageConfigMixin,
+    StageTrainerMixin,
+    describe_model,
+    final_evaluation,
+    perplexity,
+    wrap_peft,
+)
 
 CARD_DESCRIPTION = (
     "Masked-language-model training of a bidirectional model (a `transformers.Trainer` subclass with BERT-style "
@@ -91,19 +98,16 @@ class HfExtMLMTrainer(StageTrainerMixin, transformers.Trainer):
     _name = "MLM"
 
     def __init__(self, model, args: HfExtMLMConfig, processing_class, peft_config=None, data_collator=None, **kwargs):
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
+        model = wrap_peft(model, peft_config)
         data_collator = data_collator or MaskedLMCollator(processing_class, args.mlm_probability)
         super().__init__(model=model, args=args, processing_class=processing_class, data_collator=data_collator, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if f"{metric_key_prefix}_loss" in metrics:
-            perplexity = {f"{metric_key_prefix}_perplexity": math.exp(min(metrics[f"{metric_key_prefix}_loss"], 50.0))}
-            self.log(perplexity)
-            metrics.update(perplexity)
+            extra = {f"{metric_key_prefix}_perplexity": perplexity(metrics[f"{metric_key_prefix}_loss"])}
+            self.log(extra)
+            metrics.update(extra)
         return metrics
 
 
@@ -183,9 +187,10 @@ class MLMStage(Stage):
 
     def load_model(self, recipe, tokenizer):
         """A new bidirectional `model_type` (vocabulary and special tokens from the tokenizer), or `model_name_or_path`."""
-        from transformers import AutoModelForMaskedLM, set_seed
+        from transformers import AutoModelForMaskedLM
 
         from hf_ext.data.protein import PROTEIN_MODEL_VOCAB_SIZE
+        from hf_ext.loading import new_model
 
         args, model_args = recipe.training_args, recipe.model_args
         if model_args.model_name_or_path:
@@ -199,9 +204,7 @@ class MLMStage(Stage):
             eos_token_id=tokenizer.eos_token_id,
             **bidirectional_fields(args.model_type),
         )
-        config = build_config(args.model_type, args.config_overrides, **fields)
-        set_seed(args.seed)  # the initial weights depend on the recipe's seed only
-        return AutoModelForMaskedLM.from_config(config)
+        return new_model(AutoModelForMaskedLM, args.model_type, args.config_overrides, args.seed, fields)
 
     def final_metrics(self, trainer) -> dict:
         """Held-out MLM loss and perplexity of the final model, its size and the residues it was trained on."""

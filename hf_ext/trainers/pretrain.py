@@ -13,9 +13,7 @@ on the corpus' training split once and cached, so every recipe on the same corpu
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,15 @@ import trl
 from datasets import DatasetDict
 
 from hf_ext.errors import UserInputError
-from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin, final_evaluation
+from hf_ext.loading import build_config
+from hf_ext.trainers.base import (
+    Stage,
+    StageConfigMixin,
+    StageTrainerMixin,
+    describe_model,
+    final_evaluation,
+    perplexity,
+)
 
 CARD_DESCRIPTION = (
     "Causal language-model pretraining from scratch (a `trl.SFTTrainer` subclass): documents joined with EOS and "
@@ -79,7 +85,7 @@ class HfExtPretrainTrainer(StageTrainerMixin, trl.SFTTrainer):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         extra = {}
         if f"{metric_key_prefix}_loss" in metrics:
-            extra[f"{metric_key_prefix}_perplexity"] = math.exp(min(metrics[f"{metric_key_prefix}_loss"], 50.0))
+            extra[f"{metric_key_prefix}_perplexity"] = perplexity(metrics[f"{metric_key_prefix}_loss"])
         extra.update(self.hyper_connection_metrics(eval_dataset, metric_key_prefix))
         if extra:
             self.log(extra)
@@ -158,37 +164,6 @@ def check_model_source(recipe) -> None:
         raise UserInputError("pretrain: set model_type (+ config_overrides) to train from scratch, or model_name_or_path")
 
 
-def build_config(model_type: str, overrides: dict | None, **fields):
-    """`AutoConfig.for_model(model_type, **fields, **overrides)`, with a one-line error naming the bad field.
-
-    Unknown fields are errors (a config would silently keep them as attributes that nothing reads)."""
-    import dataclasses
-    import difflib
-
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.for_model(model_type, **{**fields, **(overrides or {})})
-    except (ValueError, KeyError, TypeError) as error:
-        message = re.sub(r"\s+", " ", str(error)).strip()
-        raise UserInputError(f"model_type {model_type} / config_overrides: {message[:300]}") from None
-    known = {f.name for f in dataclasses.fields(type(config))}
-    for key in overrides or {}:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UserInputError(f"config_overrides: {model_type} has no field {key!r}{hint}")
-    return config
-
-
-def describe_model(model) -> dict:
-    return {
-        "model_type": model.config.model_type,
-        "parameters": model.num_parameters(),
-        "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
-    }
-
-
 class PretrainStage(Stage):
     """Causal-LM pretraining on packed raw text, from scratch or continued."""
 
@@ -235,9 +210,10 @@ class PretrainStage(Stage):
 
     def load_model(self, recipe, tokenizer):
         """A new model of `model_type` (vocabulary and special tokens from the tokenizer), or `model_name_or_path`."""
-        from transformers import AutoModelForCausalLM, set_seed
+        from transformers import AutoModelForCausalLM
 
         from hf_ext.loading import load_model as load_named_model
+        from hf_ext.loading import new_model
 
         args, model_args = recipe.training_args, recipe.model_args
         check_model_source(recipe)
@@ -250,10 +226,10 @@ class PretrainStage(Stage):
             eos_token_id=tokenizer.eos_token_id,
             max_position_embeddings=args.max_length,
         )
-        config = build_config(args.model_type, args.config_overrides, **fields)
-        set_seed(args.seed)  # the initial weights depend on the recipe's seed only
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
-        return model
+        return new_model(
+            AutoModelForCausalLM, args.model_type, args.config_overrides, args.seed, fields,
+            attn_implementation=model_args.attn_implementation,
+        )
 
     def final_metrics(self, trainer) -> dict:
         """Validation loss and perplexity of the final model, its size and the tokens it was trained on."""
