@@ -109,6 +109,7 @@ class Stage:
     loss_label: str = "loss (response tokens)"  # the loss plot's y label
     built_in_data: bool = False  # the stage reads its data from its own keys, not dataset_name / task / corpus
     takes_corpus: bool = False  # the stage accepts `corpus` (raw text or sequences)
+    evaluates_final_model: bool = False  # `final_metrics` evaluates on the `test` split, whatever `eval_strategy`
 
     def load_tokenizer(self, recipe):
         """The tokenizer of `model_name_or_path` (None is allowed: grids need no tokenizer)."""
@@ -130,8 +131,10 @@ class Stage:
         )
 
     def eval_dataset(self, datasets: dict, training_args):
-        """The split the trainer evaluates on: `test` when the recipe evaluates during training."""
-        return datasets.get("test") if training_args.eval_strategy != "no" else None
+        """The split the trainer evaluates on: `test` when the recipe evaluates during training or the stage
+        evaluates its final model."""
+        evaluates = self.evaluates_final_model or training_args.eval_strategy != "no"
+        return datasets.get("test") if evaluates else None
 
     def final_metrics(self, trainer) -> dict:
         """Metrics of the final model, added to `metrics.json` (called on every rank: evaluation is collective)."""

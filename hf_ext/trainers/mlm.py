@@ -146,9 +146,7 @@ class MLMStage(Stage):
     card_description = CARD_DESCRIPTION
     loss_label = "masked-LM loss (masked residues, nats)"
     takes_corpus = True
-
-    def eval_dataset(self, datasets: dict, training_args):
-        return datasets.get("test")  # `final_metrics` evaluates on it
+    evaluates_final_model = True
 
     def build_datasets(self, script_args, training_args, tokenizer) -> DatasetDict:
         """`train`: `input_ids` per sequence (masked anew every batch); `test`: `input_ids` + `labels`, masked once."""

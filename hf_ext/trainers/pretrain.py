@@ -173,9 +173,7 @@ class PretrainStage(Stage):
     card_description = CARD_DESCRIPTION
     loss_label = "loss (every token, nats)"
     takes_corpus = True
-
-    def eval_dataset(self, datasets: dict, training_args):
-        return datasets.get("test")  # `final_metrics` evaluates on it
+    evaluates_final_model = True
 
     def build_datasets(self, script_args, training_args, tokenizer) -> DatasetDict:
         """`train` and `test` with one `text` column of non-empty documents; TRL tokenizes and packs them."""
