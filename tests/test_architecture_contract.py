@@ -224,8 +224,6 @@ def test_padded_batch_logits_equal_one_by_one(case, side):
     sequences = [token_inputs(1, n, seed=n, vocab=case.vocab)["input_ids"][0] for n in (4, 9, 6)]
     ids, mask = padded(sequences, side)
     extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if accepts(model, "position_ids") else {}
-    if case.name.startswith("arc"):
-        extra = {}  # decoder_only derives positions from the mask itself
     together = model(input_ids=ids, attention_mask=mask, **extra).logits
     for row, sequence in enumerate(sequences):
         alone = model(input_ids=sequence[None]).logits[0]
