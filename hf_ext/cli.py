@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import sys
-from collections import Counter
 from pathlib import Path
 
 from hf_ext.errors import UserInputError
@@ -138,63 +137,24 @@ def eval_command(args: list[str]) -> None:
     parser.add_argument("--output", help="write the results as JSON to this file")
     options = parser.parse_args(args)
 
-    import resource
+    from hf_ext.eval.accuracy import evaluate_models
+    from hf_ext.recipe import task_evaluation
+    from hf_ext.run_folder import write_json_atomic
 
-    from hf_ext.data.formats import detect_format
-    from hf_ext.data.tasks import TASKS
-    from hf_ext.eval.accuracy import evaluate_task
-    from hf_ext.loading import load_model, load_tokenizer, release_memory
-    from hf_ext.recipe import ModelArguments, ScriptArguments, read_yaml_mapping
-
-    def peak_rss_mb() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    results = []
-    for reference in [m.strip() for m in options.model.split(",") if m.strip()]:
-        saved = Path(reference, "recipe.yaml")
-        recipe = read_yaml_mapping(saved) if saved.is_file() else {}
-        sizes = [recipe.get(key, getattr(ScriptArguments, key)) for key in ("task_train_size", "task_eval_size")]
-        task_name = options.task or recipe.get("task")
-        if task_name not in TASKS:
-            raise UserInputError(f"eval: task {task_name!r} is not one of {', '.join(TASKS)} (pass --task)")
-        seed = options.seed if options.seed is not None else recipe.get("seed", 42)
-        split = TASKS[task_name].splits(*sizes, seed)["test"]
-        if options.num_examples:
-            split = split.select(range(min(options.num_examples, len(split))))
-        data_format = detect_format(split.column_names, options.data_format or recipe.get("data_format", "auto"), f"task {task_name}")
-        load_in_4bit = options.load_in_4bit if options.load_in_4bit is not None else recipe.get("load_in_4bit", False)
-        model_args = ModelArguments(model_name_or_path=reference, load_in_4bit=load_in_4bit, dtype=recipe.get("dtype", "float32"))
-        tokenizer = load_tokenizer(reference)
-        model = load_model(model_args)
-        result = evaluate_task(model, tokenizer, TASKS[task_name], split, data_format, options.batch_size, options.max_new_tokens, desc=reference)
-        del model  # one model in memory at a time
-        release_memory()
-        results.append({"model": reference, **result, "peak_rss_mb_so_far": peak_rss_mb()})
-        print(f"{reference}: {task_name} accuracy {result['accuracy']:.3f} on {result['num_examples']} examples ({data_format.name})")
-
-    if options.judge and len(results) > 1:
-        from hf_ext.eval.judge import LogprobJudge
-
-        judge = LogprobJudge(load_model(ModelArguments(model_name_or_path=options.judge)), load_tokenizer(options.judge))
-        base = results[0]
-        for result in results[1:]:
-            triples = [(p, r, b) for p, r, b in zip(base["prompts"], result["responses"], base["responses"])]
-            outcomes = Counter(v.outcome for v in judge.compare(triples, desc=f"Judging {result['model']} vs {base['model']}"))
-            result["judge_vs_first"] = {
-                "judge": options.judge, "against": base["model"], **{k: outcomes.get(k, 0) for k in ("win", "loss", "tie")},
-                "win_rate": (outcomes.get("win", 0) + 0.5 * outcomes.get("tie", 0)) / len(triples),
-            }
-        del judge
-        release_memory()
-
-    summary = {"models": results, "peak_rss_mb": peak_rss_mb()}
+    references = [m.strip() for m in options.model.split(",") if m.strip()]
+    models = [
+        (reference, task_evaluation(reference, options.task, options.seed, options.data_format, options.load_in_4bit,
+                                    options.num_examples))
+        for reference in references
+    ]
+    summary = evaluate_models(models, options.batch_size, options.max_new_tokens, judge=options.judge)
     print("\n| model | accuracy | win rate vs first (judge) |\n|---|---|---|")
-    for result in results:
+    for result in summary["models"]:
         judged = result.get("judge_vs_first")
         print(f"| {result['model']} | {result['accuracy']:.3f} | {judged['win_rate']:.3f} |" if judged else f"| {result['model']} | {result['accuracy']:.3f} | - |")
     print(f"peak RSS {summary['peak_rss_mb']:.0f} MB")
     if options.output:
-        Path(options.output).write_text(json.dumps(summary, indent=2))
+        write_json_atomic(options.output, summary)
 
 
 def _option_value(args: list[str], option: str) -> str | None:
@@ -247,14 +207,24 @@ def antibody_design_command(args: list[str]) -> None:
         read_baseline,
         write_baseline,
     )
+    from hf_ext.recipe import saved_recipe
+    from hf_ext.run_folder import write_json_atomic
 
     tolerance = parse_tolerance(options.tolerance)
     stored = read_baseline(options.baseline) if options.baseline else None  # a bad baseline fails before the model runs
+    saved = saved_recipe(options.model) if Path(options.model).is_dir() else None
+    split = {  # the split the model trained with, so that its parents are unseen
+        "validation_fraction": options.validation_fraction,
+        "split_seed": options.split_seed,
+    }
+    if saved is not None:
+        split["validation_fraction"] = split["validation_fraction"] or saved.setting("corpus_validation_fraction")
+        split["split_seed"] = saved.setting("seed") if split["split_seed"] is None else split["split_seed"]
     result = evaluate_antibody_design(
         options.model, num_parents=options.num_parents, num_variants=options.num_variants,
         num_edits=options.num_edits, temperature=options.temperature, seed=options.seed,
         batch_size=options.batch_size, scorer=options.scorer, max_positions=options.max_positions,
-        validation_fraction=options.validation_fraction, split_seed=options.split_seed,
+        **{key: value for key, value in split.items() if value is not None},
     )
     metrics = result["metrics"]
     print(f"\n{options.model}: antibody_design, {metrics['num_parents']} held-out parents x {options.num_variants} "
@@ -283,7 +253,7 @@ def antibody_design_command(args: list[str]) -> None:
         regressions = check_regression(metrics, options.baseline, tolerance)
         result["regressions"] = regressions
     if options.output:
-        Path(options.output).write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(options.output, result)
     if regressions:
         lines = "\n".join(f"  - {regression}" for regression in regressions)
         print(f"\nhf-ext: REGRESSION: {len(regressions)} metric(s) worse than baseline {options.baseline}:\n{lines}",
@@ -317,36 +287,41 @@ def arc_command(args: list[str]) -> None:
 
     import hf_ext  # noqa: F401  (registers arc_grid)
     from hf_ext.data.arc import load_subset, read_task_file
-    from hf_ext.eval.arc import check_no_leak, evaluate_arc, summary_line, training_record, write_attempts
-    from hf_ext.recipe import read_yaml_mapping
+    from hf_ext.eval.arc import check_no_leak, evaluate_arc, summary_line, write_attempts
+    from hf_ext.recipe import saved_recipe
+    from hf_ext.run_folder import RunFolder, write_json_atomic
+    from hf_ext.trainers.arc import HfExtArcConfig
 
-    recipe_path = Path(options.model) / "recipe.yaml"
-    recipe = read_yaml_mapping(recipe_path) if recipe_path.is_file() else {}
+    saved = saved_recipe(options.model) if Path(options.model).is_dir() else None
+
+    def setting(name: str):
+        """The command line's value, else the model's recipe's, else the arc stage's default (seed: 0)."""
+        value = getattr(options, name, None)
+        if value is not None:
+            return value
+        if saved is not None:
+            return saved.setting(name)
+        return 0 if name == "seed" else getattr(HfExtArcConfig, name)
+
     if options.tasks_file:
         tasks, subset = read_task_file(options.tasks_file), Path(options.tasks_file).name
     else:
-        subset = options.subset or recipe.get("eval_subset") or "arc1_eval_equal_shape_max10"
+        subset = options.subset or setting("eval_subset")
         tasks = load_subset(subset)
-    record = training_record(options.model if Path(options.model).is_dir() else None)
+    record = RunFolder(options.model).read_training_record() if Path(options.model).is_dir() else {}
     check_no_leak(record, options.model, tasks)
     model = AutoModelForSemanticSegmentation.from_pretrained(options.model)
     if model.config.model_type != "arc_grid":
         raise UserInputError(f"{options.model}: model_type {model.config.model_type}, expected arc_grid")
 
-    def setting(name: str, default):
-        """The command line's value, else the model's recipe's, else `default`."""
-        value = getattr(options, name, None)
-        return type(default)(recipe.get(name, default)) if value is None else value
-
     metrics, attempts = evaluate_arc(
-        model, tasks, subset, trained_tasks=record.get("tasks_trained_on"),
-        num_votes=options.num_votes or int(recipe.get("num_votes", 8)), ttt_steps=setting("ttt_steps", 0),
-        ttt_learning_rate=setting("ttt_learning_rate", 1e-4), canvas_margin=setting("canvas_margin", 1),
-        max_context_pairs=setting("max_context_pairs", 10), seed=setting("seed", 0),
+        model, tasks, subset, trained_tasks=record.get("tasks_trained_on"), num_votes=setting("num_votes"),
+        ttt_steps=setting("ttt_steps"), ttt_learning_rate=setting("ttt_learning_rate"),
+        canvas_margin=setting("canvas_margin"), max_context_pairs=setting("max_context_pairs"), seed=setting("seed"),
     )
     print(f"{options.model} ({model.config.variant}): {summary_line(metrics)}")
     if options.output:
-        Path(options.output).write_text(json.dumps({"model": options.model, "variant": model.config.variant, **metrics}, indent=2) + "\n")
+        write_json_atomic(options.output, {"model": options.model, "variant": model.config.variant, **metrics})
     if options.attempts:
         write_attempts(options.attempts, attempts)
 
@@ -393,7 +368,11 @@ def data_command(args: list[str]) -> None:
     options = parser.parse_args(args)
 
     if options.command == "manifest":
-        return vet_file(options.path)
+        from hf_ext.data.manifest import vet_file
+
+        manifest = vet_file(options.path)
+        print(f"{options.path}: {manifest['rows']} rows validated; manifest written")
+        return
     if options.command == "train-tokenizer":
         from hf_ext.data.tokenizer import train_corpus_tokenizer
 
@@ -401,88 +380,30 @@ def data_command(args: list[str]) -> None:
         print(f"{options.output}: {len(tokenizer)} tokens, trained on the {options.corpus} training documents")
         return
 
-    from hf_ext.data.tasks import TASKS
-    from hf_ext.loading import load_model, load_tokenizer
-    from hf_ext.recipe import ModelArguments
+    from hf_ext.data.tasks import TrainingPrompts
 
-    if options.task not in TASKS:
-        raise UserInputError(f"data: unknown task {options.task!r}; valid: {', '.join(TASKS)}")
-    task = TASKS[options.task]
-    rows = task.splits(options.offset + options.num_prompts, options.eval_size, seed=options.split_seed)["train"]
-    rows = rows.select(range(options.offset, len(rows)))
-    if options.command == "make-pairs" and options.method == "hard_negatives":
-        from hf_ext.data.pairs import task_pairs
-
-        dataset, stats = task_pairs(task, rows, options.seed), {"method": "hard_negatives"}
-        stats.update(pairs=len(dataset), negative_kinds=dict(Counter(dataset["negative_kind"])))
-        return _write_pairs(dataset, options.output, stats, source_model=None)
-
-    def load(reference):
-        return load_model(ModelArguments(model_name_or_path=reference, load_in_4bit=options.load_in_4bit)), load_tokenizer(reference)
-
-    model, tokenizer = load(options.model)
+    prompts = TrainingPrompts(options.task, options.num_prompts, options.offset, options.eval_size, options.split_seed)
     if options.command == "generate-sft":
-        from hf_ext.data.fewshot import GenerationSettings, generate_sft_data
+        from hf_ext.data.fewshot import GenerationSettings, generate_task_sft_data
 
         settings = GenerationSettings(
             shots=options.shots, max_new_tokens=options.max_new_tokens, temperature=options.temperature or 0.0,
             min_response_chars=options.min_response_chars, keep_unverified=options.keep_unverified,
             batch_size=options.batch_size, seed=options.seed,
         )
-        manifest = generate_sft_data(model, tokenizer, list(rows["prompt"]), options.output, settings,
-                                     answers=list(rows["answer"]), verify=task.verify, source_model=options.model)
+        manifest = generate_task_sft_data(options.model, prompts, options.output, settings, options.load_in_4bit)
         print(f"{options.output}: {manifest['rows']} rows; QC {json.dumps(manifest['qc'])}")
         return
 
-    from hf_ext.data.formats import FORMATS
-    from hf_ext.data.pairs import sampled_pairs
-    from hf_ext.eval.judge import LogprobJudge
+    from hf_ext.data.pairs import make_task_pairs
 
-    judge = None
-    if options.judge or options.method == "judge":
-        judge_model, judge_tokenizer = (model, tokenizer) if options.judge in (None, options.model) else load(options.judge)
-        judge = LogprobJudge(judge_model, judge_tokenizer, batch_size=options.batch_size)
-    dataset, stats = sampled_pairs(
-        model, tokenizer, list(rows["prompt"]), FORMATS[options.data_format], options.method, k=options.k, task=task,
-        answers=list(rows["answer"]), judge=judge,
+    manifest = make_task_pairs(
+        options.model, prompts, options.output, options.method, options.data_format, k=options.k, judge=options.judge,
         temperature=options.temperature if options.temperature is not None else 0.8,
         max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, seed=options.seed,
+        load_in_4bit=options.load_in_4bit,
     )
-    _write_pairs(dataset, options.output, {**stats, "data_format": options.data_format}, source_model=options.model)
-
-
-def _write_pairs(dataset, output: str, stats: dict, source_model: str | None) -> None:
-    from hf_ext.data.manifest import write_data_file
-
-    if len(dataset) == 0:
-        raise UserInputError(
-            f"make-pairs: no prompt yielded a pair (every sample scored the same, or the judge's orders disagreed); "
-            f"raise --num_prompts, --k or --temperature. Stats: {json.dumps(stats)}"
-        )
-    manifest = write_data_file(output, list(dataset), generator="hf_ext.data.pairs", qc=stats, source_model=source_model)
-    print(f"{output}: {manifest['rows']} pairs; QC {json.dumps(stats)}")
-
-
-def vet_file(path: str) -> None:
-    """Validate every row of a user's .jsonl file (SFT rows or pairs) and write its manifest."""
-    from datasets import load_dataset
-
-    from hf_ext.data.formats import detect_format
-    from hf_ext.data.manifest import write_manifest
-    from hf_ext.data.pairs import validate_pair
-
-    if not Path(path).is_file():
-        raise UserInputError(f"{path}: file does not exist")
-    rows = load_dataset("json", data_files=path)["train"]
-    is_pairs = {"prompt", "chosen", "rejected"} <= set(rows.column_names)
-    data_format = None if is_pairs else detect_format(rows.column_names, "auto", path)
-    for index, row in enumerate(rows):
-        problem = validate_pair(row) if is_pairs else data_format.validate(row)
-        if problem:
-            raise UserInputError(f"{path}: row {index}: {problem}")
-    qc = {"kind": "pairs" if is_pairs else f"sft ({data_format.name})", "rows_validated": len(rows)}
-    manifest = write_manifest(path, generator="hf-ext data manifest (user-provided file)", qc=qc)
-    print(f"{path}: {manifest['rows']} rows validated; manifest written")
+    print(f"{options.output}: {manifest['rows']} pairs; QC {json.dumps(manifest['qc'])}")
 
 
 def pipeline_command(args: list[str]) -> None:

@@ -1,10 +1,27 @@
 """Batched generation from already-encoded prompts: one implementation for evaluation, data generation and
-Best-of-N sampling. Prompts are grouped by length (little padding), left-padded, and returned in input order."""
+Best-of-N sampling. Prompts are grouped by length (little padding), left-padded, and returned in input order.
+`eval_mode` is the one way every inference path in hf_ext switches a model to eval mode and back."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from tqdm.auto import tqdm
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode (dropout off) and no gradients inside the block; the model's training mode is restored after it,
+    also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,7 +35,6 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, attention_mask
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -36,27 +52,25 @@ def generate(
     Sampling is seeded per batch, so the same call gives the same samples."""
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     outputs: list[list[str]] = [[] for _ in prompt_ids]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    for batch_number, start in enumerate(tqdm(range(0, len(order), batch_size), desc=desc, unit="batch")):
-        batch = order[start : start + batch_size]
-        input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], pad_id)
-        width = input_ids.shape[1]
-        torch.manual_seed(seed * 1_000_003 + batch_number)
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad_id,
-            **sampling,
-        )
-        texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-        for row, i in enumerate(batch):
-            outputs[i] = texts[row * num_samples : (row + 1) * num_samples]
-    model.train(was_training)
+    with eval_mode(model):
+        for batch_number, start in enumerate(tqdm(range(0, len(order), batch_size), desc=desc, unit="batch")):
+            batch = order[start : start + batch_size]
+            input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], pad_id)
+            width = input_ids.shape[1]
+            torch.manual_seed(seed * 1_000_003 + batch_number)
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_id,
+                **sampling,
+            )
+            texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+            for row, i in enumerate(batch):
+                outputs[i] = texts[row * num_samples : (row + 1) * num_samples]
     return outputs

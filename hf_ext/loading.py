@@ -11,19 +11,33 @@ A model reference (`model_name_or_path`) is one of:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import re
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from trl import ModelConfig
 
 from hf_ext.errors import UserInputError
+from hf_ext.run_folder import RunFolder, staged_directory
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """How to load (and adapt) a model, the recipe's model keys: TRL's `ModelConfig` with QLoRA-paper defaults,
+    LoRA on every linear layer, dropout 0.1, double quantization."""
+
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules to adapt: 'all-linear' (every nn.Linear but the output layer) or names."},
+    )
+    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantization of 4-bit weights."})
+
 
 PACKAGE_SCHEME = "package://"
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -88,11 +102,9 @@ def cache_root() -> Path:
 
 def gguf_to_folder(gguf_path: str) -> Path:
     """A transformers folder (safetensors + tokenizer) converted from `gguf_path`, converted once and cached."""
-    digest = hashlib.sha256()
-    with open(gguf_path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    target = cache_root() / "gguf" / f"{Path(gguf_path).stem}-{digest.hexdigest()[:16]}"
+    from hf_ext.data.manifest import file_sha256
+
+    target = cache_root() / "gguf" / f"{Path(gguf_path).stem}-{file_sha256(gguf_path)[:16]}"
     if (target / "model.safetensors").is_file():
         return target
 
@@ -113,24 +125,18 @@ def gguf_to_folder(gguf_path: str) -> Path:
         config.name_or_path = ""
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(dequantized.state_dict(), strict=True)
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        with staged_directory(target) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return target
 
 
 def adapter_base(adapter_dir: str) -> str:
     """The base model of an adapter: the exact reference it was trained from when hf_ext saved its recipe next to
     it (e.g. the offline GGUF), else `base_model_name_or_path` (a Hub id for adapters from the Hub)."""
-    recipe = Path(adapter_dir) / "recipe.yaml"
-    if recipe.is_file():
-        import yaml
-
-        reference = (yaml.safe_load(recipe.read_text()) or {}).get("model_name_or_path")
-        if reference:
-            return reference
+    reference = RunFolder(adapter_dir).read_recipe().get("model_name_or_path")
+    if reference:
+        return reference
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     if not config.get("base_model_name_or_path"):
         raise UserInputError(f"adapter {adapter_dir}: adapter_config.json names no base_model_name_or_path")

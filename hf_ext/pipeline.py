@@ -1,14 +1,16 @@
 """`hf-ext pipeline FILE`: generate SFT data -> SFT -> preference pairs -> DPO -> sequential evaluation.
 
-Each step writes into `<output_dir>/<step>/` and runs the same command a user would (`hf-ext data ...`,
-`hf-ext train ...`, `hf-ext eval ...`), with the step's keys from the pipeline file as `--key value` options.
-A step whose outputs are complete and valid (a data file whose QC manifest verifies, a training folder with
-`metrics.json`, an evaluation with `results.json`) is skipped; an interrupted step resumes (training from its last
-checkpoint, generation from its partial file).
+Each step writes into `<output_dir>/<step>/` and calls the library function behind the command a user would run
+(`hf-ext data generate-sft` / `make-pairs`, `hf-ext train`, `hf-ext eval`), with the step's keys from the pipeline
+file as that command's options. A step whose outputs are complete and valid (a data file whose QC manifest
+verifies, a training folder with `metrics.json`, an evaluation with `results.json`) is skipped; an interrupted step
+resumes (training from its last checkpoint, generation from its partial file).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import time
 from pathlib import Path
@@ -17,21 +19,42 @@ from hf_ext.errors import UserInputError
 
 STEPS = ("generate_sft", "sft", "make_pairs", "dpo", "evaluate")
 TOP_LEVEL = ("output_dir", "model_name_or_path", "base_model_id", "task", "data_format", *STEPS)
+# Arguments of the step functions that the pipeline sets itself (models, task, files), never a step's keys.
+PIPELINE_OWNED = ("model", "models", "reference", "prompts", "output", "settings", "task")
 
 
-def _options(step: dict) -> list[str]:
-    argv: list[str] = []
-    for key, value in step.items():
-        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return argv
+def _parameter_names(target) -> list[str]:
+    if dataclasses.is_dataclass(target):
+        return [f.name for f in dataclasses.fields(target)]
+    return list(inspect.signature(target).parameters)
+
+
+def _split_keys(source: str, step: str, options: dict, *targets) -> list[dict]:
+    """`options` divided among `targets` (dataclasses or functions) by their parameter names, in order; a key none of
+    them takes, or one the pipeline sets itself, is an error naming the pipeline file and step."""
+    parts, left = [], dict(options)
+    for target in targets:
+        names = _parameter_names(target)
+        parts.append({key: left.pop(key) for key in list(left) if key in names})
+    owned = [key for key in PIPELINE_OWNED if key in options]
+    if left or owned:
+        valid = sorted({name for target in targets for name in _parameter_names(target)} - set(PIPELINE_OWNED))
+        raise UserInputError(
+            f"{source}: step '{step}': key(s) {', '.join([*left, *owned])} not accepted here (the pipeline sets the "
+            f"models, task and files); valid: {', '.join(valid)}"
+        )
+    return parts
 
 
 def run_pipeline(path: str | Path) -> dict:
-    from hf_ext.cli import data_command, eval_command
+    from hf_ext.data.fewshot import GenerationSettings, generate_task_sft_data
     from hf_ext.data.manifest import verify_manifest
+    from hf_ext.data.pairs import make_task_pairs
+    from hf_ext.data.tasks import TrainingPrompts
+    from hf_ext.eval.accuracy import evaluate_models
     from hf_ext.loading import release_memory
-    from hf_ext.recipe import read_yaml_mapping
-    from hf_ext.report import is_finished
+    from hf_ext.recipe import read_yaml_mapping, task_evaluation
+    from hf_ext.run_folder import RunFolder, write_json_atomic
     from hf_ext.train import run
 
     config = read_yaml_mapping(path)
@@ -54,26 +77,40 @@ def run_pipeline(path: str | Path) -> dict:
         except UserInputError:
             return False
 
+    def generate_sft() -> None:
+        prompt_keys, settings, rest = _split_keys(
+            str(path), "generate_sft", steps["generate_sft"], TrainingPrompts, GenerationSettings, generate_task_sft_data
+        )
+        generate_task_sft_data(base, TrainingPrompts(task, **prompt_keys), sft_data, GenerationSettings(**settings), **rest)
+
+    def make_pairs() -> None:
+        prompt_keys, rest = _split_keys(str(path), "make_pairs", steps["make_pairs"], TrainingPrompts, make_task_pairs)
+        make_task_pairs(str(sft_dir), TrainingPrompts(task, **prompt_keys), pairs, **{"data_format": data_format, **rest})
+
     def train(step: str, folder: Path, model: str, data: Path) -> None:
-        options = steps[step]
+        options = dict(steps[step])
+        if "recipe" not in options:
+            raise UserInputError(f"{path}: step '{step}': missing key 'recipe' (e.g. recipes/{step}.yaml)")
         recipe = options.pop("recipe")
-        overrides = ["--model_name_or_path", model, "--task", "", "--dataset_name", str(data), "--data_format",
-                     data_format, "--output_dir", str(folder), "--resume_from_checkpoint", "true", *_options(options)]
+        keys = {"model_name_or_path": model, "task": "null", "dataset_name": str(data), "data_format": data_format,
+                "output_dir": str(folder), "resume_from_checkpoint": "true", **options}
         if config.get("base_model_id"):
-            overrides += ["--base_model_id", config["base_model_id"]]
-        run(recipe, overrides)
+            keys["base_model_id"] = config["base_model_id"]
+        run(recipe, [arg for key, value in keys.items() for arg in (f"--{key}", _as_option(value))])
+
+    def evaluate() -> None:
+        settings, rest = _split_keys(str(path), "evaluate", steps["evaluate"], task_evaluation, evaluate_models)
+        models = [(str(reference), task_evaluation(str(reference), **{"data_format": data_format, **settings}, task=task))
+                  for reference in (base, sft_dir, dpo_dir)]
+        summary = evaluate_models(models, **{"judge": base, **rest})
+        write_json_atomic(results, summary)
 
     plan = [
-        ("generate_sft", lambda: verified(sft_data), lambda: data_command(
-            ["generate-sft", "--model", base, "--task", task, "--output", str(sft_data), *_options(steps["generate_sft"])])),
-        ("sft", lambda: is_finished(sft_dir), lambda: train("sft", sft_dir, base, sft_data)),
-        ("make_pairs", lambda: verified(pairs), lambda: data_command(
-            ["make-pairs", "--model", str(sft_dir), "--task", task, "--data_format", data_format, "--output", str(pairs),
-             *_options(steps["make_pairs"])])),
-        ("dpo", lambda: is_finished(dpo_dir), lambda: train("dpo", dpo_dir, str(sft_dir), pairs)),
-        ("evaluate", lambda: results.is_file(), lambda: eval_command(
-            ["--model", f"{base},{sft_dir},{dpo_dir}", "--task", task, "--data_format", data_format,
-             "--output", str(results), *_options({"judge": base, **steps["evaluate"]})])),
+        ("generate_sft", lambda: verified(sft_data), generate_sft),
+        ("sft", lambda: RunFolder(sft_dir).is_finished(), lambda: train("sft", sft_dir, base, sft_data)),
+        ("make_pairs", lambda: verified(pairs), make_pairs),
+        ("dpo", lambda: RunFolder(dpo_dir).is_finished(), lambda: train("dpo", dpo_dir, str(sft_dir), pairs)),
+        ("evaluate", lambda: results.is_file(), evaluate),
     ]
     report = {"pipeline": str(path), "steps": {}}
     for name, complete, execute in plan:
@@ -93,9 +130,14 @@ def run_pipeline(path: str | Path) -> dict:
         for label, m in zip(("base", "sft", "dpo"), summary["models"])
     ]
     report["peak_rss_mb_of_evaluation"] = summary["peak_rss_mb"]
-    (root / "pipeline.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(root / "pipeline.json", report)
     print("\n| model | accuracy | win rate vs base (judge) |\n|---|---|---|")
     for row in report["table"]:
         win = "-" if row["win_rate_vs_base"] is None else f"{row['win_rate_vs_base']:.3f}"
         print(f"| {row['model']} | {row['accuracy']:.3f} | {win} |")
     return report
+
+
+def _as_option(value) -> str:
+    """A pipeline file's value as `hf-ext train` reads it on the command line."""
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from trl import ModelConfig, TrlParser
+from trl import TrlParser
 from trl import ScriptArguments as TrlScriptArguments
 
 from hf_ext.errors import UserInputError
+from hf_ext.loading import ModelArguments
+from hf_ext.run_folder import RECIPE_FILE
 
 RESERVED_KEYS = ("stage", "accelerate_config", "num_processes", "env")
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "instruction")
@@ -79,18 +81,6 @@ class ScriptArguments(TrlScriptArguments):
 
 
 @dataclass
-class ModelArguments(ModelConfig):
-    """TRL's `ModelConfig` with QLoRA-paper defaults: LoRA on every linear layer, dropout 0.1, double quantization."""
-
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default_factory=lambda: ["all-linear"],
-        metadata={"help": "Modules to adapt: 'all-linear' (every nn.Linear but the output layer) or names."},
-    )
-    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantization of 4-bit weights."})
-
-
-@dataclass
 class Recipe:
     """A parsed recipe: the three argument dataclasses plus the reserved launch keys."""
 
@@ -125,12 +115,31 @@ class Recipe:
             out[key] = int(value) if isinstance(value, float) and value.is_integer() and abs(value) >= 1 else value
         return out
 
-    def write(self, path: str | Path) -> None:
+    def setting(self, key: str) -> Any:
+        """The parsed value of recipe key `key` (the stage's default when the recipe did not set it)."""
+        for args in (self.script_args, self.training_args, self.model_args):
+            if hasattr(args, key):
+                return getattr(args, key)
+        raise KeyError(key)
+
+    def to_yaml(self, saved_as: str | Path) -> str:
+        """`recipe.yaml` text: the resolved keys under a header naming the versions and the re-run command."""
         import importlib.metadata as md
 
         versions = ", ".join(f"{p} {md.version(p)}" for p in ("hf_ext", "transformers", "trl", "peft", "torch"))
-        header = f"# Resolved from {self.path} ({versions}).\n# Re-run with: hf-ext train {path}\n"
-        Path(path).write_text(header + yaml.safe_dump(self.resolved(), sort_keys=False))
+        header = f"# Resolved from {self.path} ({versions}).\n# Re-run with: hf-ext train {saved_as}\n"
+        return header + yaml.safe_dump(self.resolved(), sort_keys=False)
+
+
+def saved_recipe(model_dir: str | Path) -> Recipe | None:
+    """The recipe a trained model's folder was made with, parsed with its stage's defaults (what the run used), or
+    None for a folder hf_ext did not train. Paths it names are not checked: data may have moved since."""
+    from hf_ext.run_folder import RunFolder
+
+    folder = RunFolder(model_dir)
+    if not folder.has_recipe():
+        return None
+    return parse_recipe(folder.file(RECIPE_FILE), check_paths=False)
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -205,7 +214,7 @@ def describe_keys(stage_name: str) -> str:
     return parser.format_help()
 
 
-def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def parse_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
     """Parse `path` with `--key value` `overrides` into a validated `Recipe` (no model or data is loaded)."""
     from hf_ext.trainers import STAGES, get_stage
 
@@ -284,7 +293,8 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe
         env=env,
         explicit_keys=list(dict.fromkeys([*data, *cli, *unset])),
     )
-    validate_paths(recipe)
+    if check_paths:
+        validate_paths(recipe)
     return recipe
 
 
@@ -336,3 +346,37 @@ def validate_paths(recipe: Recipe) -> None:
         raise UserInputError(f"{recipe.path}: key 'datasets' (TRL dataset mixtures) is not supported; use 'dataset_name'")
     if recipe.model_args.model_name_or_path is None and not getattr(recipe.training_args, "model_type", None):
         raise UserInputError(f"{recipe.path}: missing key 'model_name_or_path'")
+
+
+def task_evaluation(
+    reference: str,
+    task: str | None = None,
+    seed: int | None = None,
+    data_format: str | None = None,
+    load_in_4bit: bool | None = None,
+    num_examples: int | None = None,
+):
+    """How `hf-ext eval` scores `reference`: every unset value from the model's saved recipe (the split it trained
+    beside, its prompt encoding and quantization), else the recipe defaults."""
+    from transformers import TrainingArguments
+
+    from hf_ext.eval.accuracy import TaskEvaluation
+
+    saved = saved_recipe(reference) if Path(reference).is_dir() else None
+
+    def setting(key: str, given, default):
+        if given is not None:
+            return given
+        return saved.setting(key) if saved is not None else default
+
+    defaults = ScriptArguments()
+    return TaskEvaluation(
+        task=setting("task", task, None),
+        train_size=setting("task_train_size", None, defaults.task_train_size),
+        eval_size=setting("task_eval_size", None, defaults.task_eval_size),
+        seed=setting("seed", seed, TrainingArguments.seed),
+        data_format=setting("data_format", data_format, defaults.data_format),
+        load_in_4bit=setting("load_in_4bit", load_in_4bit, ModelArguments.load_in_4bit),
+        dtype=setting("dtype", None, ModelArguments.dtype),
+        num_examples=num_examples,
+    )

@@ -49,13 +49,10 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     from accelerate import PartialState
     from peft import PeftModel
 
-    from hf_ext.data.formats import detect_format
-    from hf_ext.data.tasks import TASKS
-    from hf_ext.eval.accuracy import evaluate_task
     from hf_ext.hub import hub_base_model
     from hf_ext.loading import peft_config
     from hf_ext.recipe import parse_recipe
-    from hf_ext.report import LOSS_CURVE_FILE, METRICS_FILE, loss_curve, plot_loss_curve, write_metrics
+    from hf_ext.run_folder import RunFolder, loss_curve
     from hf_ext.trainers import get_stage
 
     recipe = parse_recipe(recipe_path, overrides)
@@ -65,30 +62,18 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
 
     tokenizer = stage.load_tokenizer(recipe)
     datasets = stage.build_datasets(script_args, training_args, tokenizer)
-    task = TASKS[script_args.task] if script_args.task else None
-    eval_rows = task.splits(script_args.task_train_size, script_args.task_eval_size, training_args.seed)["test"] if task else None
-    data_format = detect_format(eval_rows.column_names, script_args.data_format, f"task {task.name}") if task else None
 
-    output_dir = Path(training_args.output_dir)
+    folder = RunFolder(training_args.output_dir)
     if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / METRICS_FILE).unlink(missing_ok=True)  # this folder is unfinished until the new metrics land
-        recipe.write(output_dir / "recipe.yaml")
+        folder.start()
+        folder.write_recipe(recipe)
     state.wait_for_everyone()
 
     model = stage.load_model(recipe, tokenizer)
     model_name = model_args.model_name_or_path or getattr(training_args, "model_type", None) or "model"
     metrics: dict = {"stage": recipe.stage, "recipe": str(recipe.path), "model": model_name}
-
-    def accuracy(model_to_score, label: str) -> dict:
-        return evaluate_task(
-            model_to_score, tokenizer, task, eval_rows, data_format,
-            script_args.eval_batch_size, script_args.eval_max_new_tokens, desc=f"Accuracy {label}",
-        )
-
-    if task and script_args.eval_before_training and state.is_main_process:
-        metrics["accuracy_before"] = accuracy(model, "before training")
-        logger.info("accuracy before training: %.3f", metrics["accuracy_before"]["accuracy"])
+    if script_args.eval_before_training and state.is_main_process:
+        metrics.update(stage.task_accuracy(recipe, model, tokenizer, datasets, "before training"))
 
     trainer = stage.trainer_class(
         model=model,
@@ -98,15 +83,15 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         peft_config=None if isinstance(model, PeftModel) else peft_config(model_args),  # an adapter keeps training
     )
-    resume = _resume_argument(training_args.resume_from_checkpoint, str(output_dir))
+    resume = _resume_argument(training_args.resume_from_checkpoint, str(folder.path))
     result = trainer.train(resume_from_checkpoint=resume)
 
-    trainer.save_model(str(output_dir))
+    trainer.save_model(str(folder.path))
     if state.is_main_process:
         if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
+            tokenizer.save_pretrained(folder.path)
         if model_args.use_peft:  # the Hub id (for PEFT and the Hub), never the local GGUF conversion cache
-            record_adapter_base(output_dir, hub_base_model(recipe) or model_args.model_name_or_path)
+            record_adapter_base(folder.path, hub_base_model(recipe) or model_args.model_name_or_path)
 
     checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters() if p.requires_grad)
     metrics.update(stage.final_metrics(trainer))  # on every rank: evaluation is collective
@@ -116,32 +101,30 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     )
 
     if state.is_main_process:
-        if task:
-            metrics["accuracy_after"] = accuracy(trainer.model, "after training")
-            logger.info("accuracy after training: %.3f", metrics["accuracy_after"]["accuracy"])
+        metrics.update(stage.task_accuracy(recipe, trainer.model, tokenizer, datasets, "after training"))
         curve = loss_curve(trainer.state.log_history)
+        train_loss = result.metrics.get("train_loss")
         metrics.update(
             task=script_args.task,
-            data_format=data_format.name if data_format else script_args.data_format,
+            data_format=metrics.get("accuracy_after", {}).get("data_format", script_args.data_format),
             global_step=trainer.state.global_step,
             max_steps=trainer.state.max_steps,
             resumed_from_checkpoint=bool(resume),
             train_runtime_seconds=result.metrics.get("train_runtime"),
-            train_loss=result.metrics.get("train_loss"),
+            train_loss=train_loss,
             world_size=state.num_processes,
             ranks=per_rank,
             peak_rss_mb=_peak_rss_mb(),
             loss_curve=curve,
             torch_threads=torch.get_num_threads(),
         )
-        train_loss = result.metrics.get("train_loss")
-        plot_loss_curve(
-            curve, output_dir / LOSS_CURVE_FILE, f"{recipe.stage}: {model_name.split('/')[-1]}", ylabel=stage.loss_label,
+        folder.plot_loss_curve(
+            curve, f"{recipe.stage}: {model_name.split('/')[-1]}", ylabel=stage.loss_label,
             mean_train_loss=(trainer.state.global_step, train_loss) if train_loss is not None else None,
         )
-        stage.render_card(recipe, metrics).save(output_dir / "README.md")
-        write_metrics(output_dir, metrics)
-        logger.info("done: %s; outputs in %s", closing_summary(metrics), output_dir)
+        folder.write_card(stage.render_card(recipe, metrics))
+        folder.write_metrics(metrics)
+        logger.info("done: %s; outputs in %s", closing_summary(metrics), folder.path)
     state.wait_for_everyone()
     return metrics
 
@@ -164,10 +147,12 @@ def closing_summary(metrics: dict) -> str:
 def record_adapter_base(adapter_dir: Path, reference: str) -> None:
     import json
 
+    from hf_ext.run_folder import write_text_atomic
+
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = reference
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
 
 
 def _peak_rss_mb() -> float:

@@ -38,6 +38,7 @@ from hf_ext.eval.antibody_design import (
     write_baseline,
 )
 from hf_ext.models.mamba_ssm import MambaSSMConfig, MambaSSMForMaskedLM
+from hf_ext.recipe import saved_recipe
 
 # IGHV1-18*01 + IGHJ4*01
 HEAVY = (
@@ -406,7 +407,9 @@ def test_parents_come_from_the_split_in_the_models_saved_recipe(model_dir, tmp_p
     shutil.copytree(model_dir, trained)
     recipe = "stage: mlm\ncorpus: antibody_germlines\ncorpus_validation_fraction: 0.2\nseed: 7\n"
     (trained / "recipe.yaml").write_text(recipe)
-    result = evaluate_antibody_design(str(trained), num_parents=4, num_variants=2, scorer=tryptophan_count)
+    saved = saved_recipe(trained)  # what `hf-ext eval --task antibody_design` passes
+    split = dict(validation_fraction=saved.setting("corpus_validation_fraction"), split_seed=saved.setting("seed"))
+    result = evaluate_antibody_design(str(trained), num_parents=4, num_variants=2, scorer=tryptophan_count, **split)
     assert (result["settings"]["validation_fraction"], result["settings"]["split_seed"]) == (0.2, 7)
     assert result["settings"]["scorer"] == "tryptophan_count"
     held_out = set(load_antibody_corpus(validation_fraction=0.2, seed=7)["validation"]["sequence"])

@@ -5,6 +5,7 @@ import yaml
 
 from hf_ext.errors import UserInputError
 from hf_ext.recipe import parse_recipe, split_overrides
+from hf_ext.run_folder import RunFolder
 from tests.conftest import REPO, SMOLLM2
 
 SHIPPED = sorted([*(REPO / "recipes").glob("*.yaml"), *(REPO / "recipes" / "arc").glob("*.yaml")])
@@ -104,7 +105,7 @@ def test_missing_recipe_file(tmp_path):
 
 def test_resolved_recipe_reproduces_the_run(tmp_path):
     recipe = parse_recipe(REPO / "recipes" / "sft.yaml", ["--max_steps", "5", "--output_dir", str(tmp_path / "o")])
-    recipe.write(tmp_path / "recipe.yaml")
+    RunFolder(tmp_path).write_recipe(recipe)
     text = (tmp_path / "recipe.yaml").read_text()
     assert text.startswith("# Resolved from") and yaml.safe_load(text)["max_steps"] == 5
     again = parse_recipe(tmp_path / "recipe.yaml")
@@ -130,14 +131,14 @@ def test_null_on_the_command_line_unsets_a_yaml_key_and_the_conflict_error_says_
         parse_recipe(path, ["--dataset_name", str(data)])
     recipe = parse_recipe(path, ["--dataset_name", str(data), "--task", "null"])
     assert recipe.script_args.task is None and recipe.script_args.dataset_name == str(data)
-    recipe.write(tmp_path / "recipe.yaml")
+    RunFolder(tmp_path).write_recipe(recipe)
     written = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert written["task"] is None and written["dataset_name"] == str(data)
 
 
 def test_integer_values_are_written_as_integers(tmp_path):
     recipe = parse_recipe(write(tmp_path, BASE + "warmup_steps: 10\nlearning_rate: 2.0e-4\n"))
-    recipe.write(tmp_path / "recipe.yaml")
+    RunFolder(tmp_path).write_recipe(recipe)
     text = (tmp_path / "recipe.yaml").read_text()
     assert "\nwarmup_steps: 10\n" in text and "\nlearning_rate: 0.0002\n" in text
     assert parse_recipe(tmp_path / "recipe.yaml").training_args.warmup_steps == 10

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hf_ext.data.formats import Instruction
 from hf_ext.data.manifest import write_data_file
+from hf_ext.data.tasks import TrainingPrompts
 
 # (category, instruction, response): solved examples shown to the base model, checked by hand.
 FEW_SHOT_POOL = [
@@ -142,3 +143,16 @@ def generate_sft_data(model, tokenizer, instructions: list[str], output: str | P
     )
     partial.unlink()
     return manifest
+
+
+def generate_task_sft_data(model: str, prompts: TrainingPrompts, output: str | Path, settings: GenerationSettings,
+                           load_in_4bit: bool = False) -> dict:
+    """`hf-ext data generate-sft`: load `model` and write SFT rows for the task's training `prompts`, responses
+    checked by the task's verifier; returns the manifest."""
+    from hf_ext.data.tasks import TASKS
+    from hf_ext.loading import ModelArguments, load_model, load_tokenizer
+
+    rows = prompts.rows()
+    loaded = load_model(ModelArguments(model_name_or_path=model, load_in_4bit=load_in_4bit))
+    return generate_sft_data(loaded, load_tokenizer(model), list(rows["prompt"]), output, settings,
+                             answers=list(rows["answer"]), verify=TASKS[prompts.task].verify, source_model=model)

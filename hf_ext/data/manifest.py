@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from hf_ext.errors import UserInputError
+from hf_ext.run_folder import write_json_atomic, write_text_atomic
 
 MANIFEST_SUFFIX = ".manifest.json"
 
@@ -70,10 +70,7 @@ def write_manifest(
         "qc": qc,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    target = manifest_path(data_path)
-    staging = target.with_suffix(".tmp")
-    staging.write_text(json.dumps(manifest, indent=2))
-    os.replace(staging, target)
+    write_json_atomic(manifest_path(data_path), manifest)
     return manifest
 
 
@@ -113,7 +110,26 @@ def write_data_file(
     """Write `rows` as JSONL atomically, then its manifest: a reader never sees a half-written data file."""
     data_path = Path(data_path)
     data_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = data_path.with_name(data_path.name + ".tmp")
-    staging.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(staging, data_path)
+    write_text_atomic(data_path, "".join(json.dumps(row) + "\n" for row in rows))
     return write_manifest(data_path, generator, qc, source_model=source_model, parameters=parameters)
+
+
+def vet_file(path: str | Path) -> dict[str, Any]:
+    """`hf-ext data manifest`: validate every row of a user's .jsonl file (SFT rows or preference pairs) and write
+    its manifest, which is returned."""
+    from datasets import load_dataset
+
+    from hf_ext.data.formats import detect_format
+    from hf_ext.data.pairs import validate_pair
+
+    if not Path(path).is_file():
+        raise UserInputError(f"{path}: file does not exist")
+    rows = load_dataset("json", data_files=str(path))["train"]
+    is_pairs = {"prompt", "chosen", "rejected"} <= set(rows.column_names)
+    data_format = None if is_pairs else detect_format(rows.column_names, "auto", str(path))
+    for index, row in enumerate(rows):
+        problem = validate_pair(row) if is_pairs else data_format.validate(row)
+        if problem:
+            raise UserInputError(f"{path}: row {index}: {problem}")
+    qc = {"kind": "pairs" if is_pairs else f"sft ({data_format.name})", "rows_validated": len(rows)}
+    return write_manifest(path, generator="hf-ext data manifest (user-provided file)", qc=qc)

@@ -9,10 +9,12 @@ Hard negatives are rejected responses that a verifier proves wrong while staying
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from datasets import Dataset
 
-from hf_ext.data.tasks import Task
+from hf_ext.data.tasks import Task, TrainingPrompts
+from hf_ext.errors import UserInputError
 
 NEGATIVE_KINDS = ("wrong_answer", "truncation", "off_topic")
 
@@ -147,3 +149,64 @@ def sampled_pairs(model, tokenizer, prompts: list[str], data_format, method: str
         "both_orders_agree_fraction": sum(agreements) / len(agreements) if agreements else None,
     }
     return Dataset.from_dict(pairs), stats
+
+
+def make_task_pairs(
+    model: str | None,
+    prompts: TrainingPrompts,
+    output: str | Path,
+    method: str = "best_of_n",
+    data_format: str = "messages",
+    k: int = 4,
+    judge: str | None = None,
+    temperature: float = 0.8,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    seed: int = 0,
+    load_in_4bit: bool = False,
+) -> dict:
+    """`hf-ext data make-pairs`: preference pairs for the task's training `prompts`, written with their QC manifest
+    (which the manifest returned holds). `hard_negatives` needs no model; `best_of_n` and `judge` sample `model`
+    (and judge with `judge`, by default `model` itself)."""
+    from collections import Counter
+
+    from hf_ext.data.tasks import TASKS
+
+    rows = prompts.rows()  # an unknown task fails here, before any model loads
+    task = TASKS[prompts.task]
+    if method == "hard_negatives":
+        dataset = task_pairs(task, rows, seed)
+        stats = {"method": "hard_negatives", "pairs": len(dataset), "negative_kinds": dict(Counter(dataset["negative_kind"]))}
+        return _write_pairs(dataset, output, stats, source_model=None)
+
+    from hf_ext.data.formats import FORMATS
+    from hf_ext.eval.judge import LogprobJudge
+    from hf_ext.loading import ModelArguments, load_model, load_tokenizer
+
+    def load(reference):
+        return load_model(ModelArguments(model_name_or_path=reference, load_in_4bit=load_in_4bit)), load_tokenizer(reference)
+
+    sampler, tokenizer = load(model)
+    scorer = None
+    if judge or method == "judge":
+        judge_model, judge_tokenizer = (sampler, tokenizer) if judge in (None, model) else load(judge)
+        scorer = LogprobJudge(judge_model, judge_tokenizer, batch_size=batch_size)
+    dataset, stats = sampled_pairs(
+        sampler, tokenizer, list(rows["prompt"]), FORMATS[data_format], method, k=k, task=task,
+        answers=list(rows["answer"]), judge=scorer, temperature=temperature, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, seed=seed,
+    )
+    return _write_pairs(dataset, output, {**stats, "data_format": data_format}, source_model=model)
+
+
+def _write_pairs(dataset: Dataset, output: str | Path, stats: dict, source_model: str | None) -> dict:
+    import json
+
+    from hf_ext.data.manifest import write_data_file
+
+    if len(dataset) == 0:
+        raise UserInputError(
+            f"make-pairs: no prompt yielded a pair (every sample scored the same, or the judge's orders disagreed); "
+            f"raise --num_prompts, --k or --temperature. Stats: {json.dumps(stats)}"
+        )
+    return write_data_file(output, list(dataset), generator="hf_ext.data.pairs", qc=stats, source_model=source_model)

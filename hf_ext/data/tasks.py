@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset, DatasetDict
 
+from hf_ext.errors import UserInputError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -145,3 +147,23 @@ class Reversal(Task):
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (Addition(2), Addition(3), Sorting(), Reversal())}
+
+
+@dataclass(frozen=True)
+class TrainingPrompts:
+    """Which prompts of a task a data tool uses: `num_prompts` of its train split after skipping `offset` (those
+    another data step used), never the held-out split that `hf-ext eval` scores (`eval_size` and `split_seed` as in
+    the recipes: `task_eval_size` and `seed`)."""
+
+    task: str
+    num_prompts: int = 200
+    offset: int = 0
+    eval_size: int = 200
+    split_seed: int = 42
+
+    def rows(self):
+        """The chosen train-split rows (`prompt`, `answer`)."""
+        if self.task not in TASKS:
+            raise UserInputError(f"data: unknown task {self.task!r}; valid: {', '.join(TASKS)}")
+        rows = TASKS[self.task].splits(self.offset + self.num_prompts, self.eval_size, seed=self.split_seed)["train"]
+        return rows.select(range(self.offset, len(rows)))

@@ -35,8 +35,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +45,8 @@ from tqdm.auto import tqdm
 
 from hf_ext.data.protein import STANDARD_AMINO_ACIDS, validate_sequences
 from hf_ext.errors import UserInputError
+from hf_ext.generation import eval_mode
+from hf_ext.run_folder import write_text_atomic
 
 Scorer = Callable[[list[str]], list[float]]
 """Scores sequences, higher is better (a fitness/reward model, a likelihood...): one float per input sequence."""
@@ -156,18 +157,6 @@ def _encode(tokenizer, sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Te
     return encoded["input_ids"], encoded["attention_mask"], offset
 
 
-@contextmanager
-def _inference(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients, restoring the model's training mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def sample_variants(
     model,
     tokenizer,
@@ -211,7 +200,7 @@ def sample_variants(
 
     device = _device(model)
     variants: list[list[str]] = [[] for _ in parents]
-    with _inference(model):
+    with eval_mode(model):
         for start in tqdm(range(0, len(jobs), batch_size), desc="Sampling variants", unit="batch"):
             batch = jobs[start : start + batch_size]
             input_ids, attention_mask, offset = _encode(tokenizer, [parents[parent_index] for parent_index, _ in batch])
@@ -267,7 +256,7 @@ def pseudo_log_likelihood(
     totals = [0.0] * len(sequences)
     counts = [0] * len(sequences)
     device = _device(model)
-    with _inference(model):
+    with eval_mode(model):
         for start in tqdm(range(0, len(jobs), batch_size), desc="Pseudo-log-likelihood", unit="batch"):
             batch = jobs[start : start + batch_size]
             input_ids, attention_mask, offset = _encode(tokenizer, [sequences[index] for index, _ in batch])
@@ -404,7 +393,7 @@ def write_baseline(metrics: dict, path: str | Path, settings: dict | None = None
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(baseline, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(baseline, indent=2) + "\n")
     return baseline
 
 
@@ -508,20 +497,20 @@ def evaluate_antibody_design(
     batch_size: int = 32,
     scorer: str | Scorer = "pll",
     max_positions: int | None = None,
-    validation_fraction: float | None = None,
-    split_seed: int | None = None,
+    validation_fraction: float = 0.1,
+    split_seed: int = 42,
 ) -> dict:
     """The whole evaluation of one masked LM: parents, variants, metrics (the ``hf-ext eval`` task).
 
     Parents are ``num_parents`` held-out sequences of ``load_antibody_corpus(validation_fraction, split_seed)``,
-    chosen with ``seed``. The split must be the one the model was trained with, so the parents are truly unseen:
-    unset, ``validation_fraction`` and ``split_seed`` come from the ``recipe.yaml`` saved next to the model
-    (``corpus_validation_fraction`` and ``seed``, as the MLM stage uses them), else the corpus defaults (0.1, 42).
+    chosen with ``seed``. The split must be the one the model was trained with, so the parents are truly unseen: for a
+    model hf_ext trained, pass its recipe's ``corpus_validation_fraction`` and ``seed``
+    (``hf_ext.recipe.saved_recipe(model_path)``, as ``hf-ext eval --task antibody_design`` does); the defaults are
+    the corpus' own (0.1, 42).
     Returns ``{"model", "settings", "metrics", "designs"}``.
     """
     from hf_ext.data.protein import load_antibody_corpus
 
-    validation_fraction, split_seed = _training_split(model_path, validation_fraction, split_seed)
     held_out = load_antibody_corpus(validation_fraction=validation_fraction, seed=split_seed)["validation"]
     if not 1 <= num_parents <= len(held_out):
         raise UserInputError(
@@ -554,15 +543,3 @@ def evaluate_antibody_design(
     ]
     return {"model": model_path, "settings": settings, "metrics": metrics, "designs": designs}
 
-
-def _training_split(model_path: str, validation_fraction: float | None, split_seed: int | None) -> tuple[float, int]:
-    """The corpus split the model was trained on: explicit values, else its saved recipe's, else the defaults."""
-    from hf_ext.recipe import read_yaml_mapping
-
-    saved = Path(model_path, "recipe.yaml")
-    recipe = read_yaml_mapping(saved) if saved.is_file() else {}
-    if validation_fraction is None:
-        validation_fraction = recipe.get("corpus_validation_fraction", 0.1)
-    if split_seed is None:
-        split_seed = recipe.get("seed", 42)
-    return validation_fraction, split_seed

@@ -13,7 +13,6 @@ unpadded cell accuracy of the first attempt next to the copy-input baseline on t
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +22,10 @@ import torch
 
 from hf_ext.data.arc import MAX_SIDE, Augmentation, Example, GridCollator, Task, inference_augmentations, score, vote
 from hf_ext.errors import UserInputError
+from hf_ext.generation import eval_mode
+from hf_ext.run_folder import write_json_atomic
 
 logger = logging.getLogger(__name__)
-TRAINING_RECORD = "arc_training.json"  # which tasks' pairs a checkpoint was trained on (written by the arc stage)
 
 
 def canvas_side(task: Task, query: np.ndarray, margin: int) -> int:
@@ -53,17 +53,18 @@ def test_time_train(model, task: Task, row: int | None, steps: int, learning_rat
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=learning_rate, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     uses_task = row is not None
-    for _ in range(steps):
-        augmentations = [Augmentation.random(rng) for _ in range(max(1, batch_size // len(task.train)))]
-        examples = leave_one_out_examples(task, row, augmentations, collator.max_context_pairs)
-        batch = collator([examples[i] for i in rng.permutation(len(examples))[:batch_size]])
-        if not uses_task:
-            batch.pop("task_ids")
-        loss = tuned(**{k: v.to(tuned.device) for k, v in batch.items()}).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with torch.enable_grad():  # also when called from `evaluate_arc`'s no-grad block
+        for _ in range(steps):
+            augmentations = [Augmentation.random(rng) for _ in range(max(1, batch_size // len(task.train)))]
+            examples = leave_one_out_examples(task, row, augmentations, collator.max_context_pairs)
+            batch = collator([examples[i] for i in rng.permutation(len(examples))[:batch_size]])
+            if not uses_task:
+                batch.pop("task_ids")
+            loss = tuned(**{k: v.to(tuned.device) for k, v in batch.items()}).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return tuned.eval()
 
 
@@ -106,13 +107,6 @@ def protocol_for(trained_tasks: Sequence[str], tasks: dict[str, Task], ttt_steps
     )
 
 
-def training_record(model_dir: str | Path | None) -> dict:
-    """The checkpoint's arc_training.json (which tasks it trained on, which with test outputs), or {}."""
-    if model_dir is None or not (Path(model_dir) / TRAINING_RECORD).is_file():
-        return {}
-    return json.loads((Path(model_dir) / TRAINING_RECORD).read_text())
-
-
 def check_no_leak(record: dict, model_dir, tasks: dict[str, Task]) -> None:
     """Refuse to score tasks whose test outputs the checkpoint was trained on (its training record says so)."""
     leaked = sorted(set(record.get("tasks_with_test_outputs", [])) & set(tasks))
@@ -147,16 +141,14 @@ def evaluate_arc(
     collator = GridCollator(context=model.config.variant == "champion", margin=canvas_margin,
                             max_context_pairs=max_context_pairs)
     augmentations = inference_augmentations(num_votes, seed)
-    was_training = model.training
-    model.eval()
     attempts = {}
-    for index, (task_id, task) in enumerate(tqdm(tasks.items(), desc=f"ARC {subset}", disable=not progress)):
-        row = rows.get(task_id)
-        scorer = model
-        if ttt_steps > 0:
-            scorer = test_time_train(model, task, row, ttt_steps, ttt_learning_rate, ttt_batch_size, collator, seed + index)
-        attempts[task_id] = predict_task(scorer, task, row, augmentations, collator)
-    model.train(was_training)
+    with eval_mode(model):
+        for index, (task_id, task) in enumerate(tqdm(tasks.items(), desc=f"ARC {subset}", disable=not progress)):
+            row = rows.get(task_id)
+            scorer = model
+            if ttt_steps > 0:
+                scorer = test_time_train(model, task, row, ttt_steps, ttt_learning_rate, ttt_batch_size, collator, seed + index)
+            attempts[task_id] = predict_task(scorer, task, row, augmentations, collator)
     metrics = {"subset": subset, "protocol": protocol, "num_votes": num_votes, "ttt_steps": ttt_steps, **score(tasks, attempts)}
     return metrics, attempts
 
@@ -167,7 +159,7 @@ def write_attempts(path: str | Path, attempts: dict[str, list[list[np.ndarray]]]
         task_id: [{f"attempt_{k + 1}": grid.tolist() for k, grid in enumerate(outputs)} for outputs in per_test]
         for task_id, per_test in attempts.items()
     }
-    Path(path).write_text(json.dumps(submission))
+    write_json_atomic(path, submission, indent=None)
 
 
 def summary_line(metrics: dict) -> str:

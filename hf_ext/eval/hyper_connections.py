@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_ext.generation import eval_mode
+
 
 def hyper_connection_modules(model) -> list:
     return [m for m in model.modules() if type(m).__name__ == "MHCHyperConnection"]
@@ -31,12 +33,10 @@ def hyper_connection_stats(model, input_ids: torch.Tensor, attention_mask: torch
         combs.append(outputs[1].float())  # (post, comb, collapsed); comb = H_res^T
 
     hooks = [module.register_forward_hook(record) for module in modules]
-    was_training = model.training
-    model.eval()
     try:
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_streams
+        with eval_mode(model):
+            hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_streams
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
 

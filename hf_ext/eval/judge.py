@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from hf_ext.generation import left_pad
+from hf_ext.generation import eval_mode, left_pad
 
 QUESTION = (
     "Here is an instruction and two responses.\n\nInstruction: {prompt}\n\nResponse A: {a}\n\nResponse B: {b}\n\n"
@@ -66,15 +66,15 @@ class LogprobJudge:
         margins: list[float] = []
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         device = next(self.model.parameters()).device
-        self.model.eval()
-        for start in tqdm(range(0, len(prompts), self.batch_size), desc=desc, unit="batch"):
-            input_ids, attention_mask = left_pad(prompts[start : start + self.batch_size], pad_id)
-            # Only the next-token logits: a full (batch, length, vocab) logits tensor would cost hundreds of MB.
-            logits = self.model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=1
-            ).logits[:, -1]
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            margins += (log_probs[:, self.letter_ids[0]] - log_probs[:, self.letter_ids[1]]).tolist()
+        with eval_mode(self.model):
+            for start in tqdm(range(0, len(prompts), self.batch_size), desc=desc, unit="batch"):
+                input_ids, attention_mask = left_pad(prompts[start : start + self.batch_size], pad_id)
+                # Only the next-token logits: a full (batch, length, vocab) logits tensor would cost hundreds of MB.
+                logits = self.model(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=1
+                ).logits[:, -1]
+                log_probs = torch.log_softmax(logits.float(), dim=-1)
+                margins += (log_probs[:, self.letter_ids[0]] - log_probs[:, self.letter_ids[1]]).tolist()
         return margins
 
     def compare(self, triples: list[tuple[str, str, str]], desc: str = "Judging") -> list[Verdict]:
@@ -84,3 +84,21 @@ class LogprobJudge:
         margins = self._letter_margins(shown_first + shown_second, desc)
         first, second = margins[: len(triples)], [-m for m in margins[len(triples) :]]
         return [Verdict((x + y) / 2, x, y) for x, y in zip(first, second)]
+
+
+def judge_against_first(results: list[dict], judge: str, batch_size: int = 16) -> None:
+    """Add `judge_vs_first` (wins, losses, ties, win rate) to every result after the first: the judge model's verdict
+    on each model's responses against the first model's, prompt by prompt (results of `evaluate_task` on one split)."""
+    from collections import Counter
+
+    from hf_ext.loading import ModelArguments, load_model, load_tokenizer
+
+    scorer = LogprobJudge(load_model(ModelArguments(model_name_or_path=judge)), load_tokenizer(judge), batch_size)
+    base = results[0]
+    for result in results[1:]:
+        triples = [(p, r, b) for p, r, b in zip(base["prompts"], result["responses"], base["responses"])]
+        outcomes = Counter(v.outcome for v in scorer.compare(triples, desc=f"Judging {result['model']} vs {base['model']}"))
+        result["judge_vs_first"] = {
+            "judge": judge, "against": base["model"], **{k: outcomes.get(k, 0) for k in ("win", "loss", "tie")},
+            "win_rate": (outcomes.get("win", 0) + 0.5 * outcomes.get("tie", 0)) / len(triples),
+        }

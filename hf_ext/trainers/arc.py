@@ -20,7 +20,6 @@ output and reports pass@2 (both conventions), cell accuracy next to the copy bas
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -220,7 +219,8 @@ class ArcStage(Stage):
 
     def final_metrics(self, trainer) -> dict:
         """The ARC evaluation of the final model on the eval subset, under the recipe's protocol; writes the attempts."""
-        from hf_ext.eval.arc import TRAINING_RECORD, evaluate_arc, summary_line, write_attempts
+        from hf_ext.eval.arc import evaluate_arc, summary_line, write_attempts
+        from hf_ext.run_folder import RunFolder
 
         args: HfExtArcConfig = trainer.args
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -237,7 +237,7 @@ class ArcStage(Stage):
         record = {"sources": list(args.arc_train_sources), "eval_subset": args.eval_subset, "protocol": args.protocol,
                   "tasks_trained_on": list(tasks.names), "tasks_with_test_outputs": list(tasks.with_test_outputs),
                   "allow_overlap": args.allow_overlap}
-        (output_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
+        RunFolder(output_dir).write_training_record(record)
         evaluation, attempts = evaluate_arc(
             model, tasks.evaluated, args.eval_subset, trained_tasks=tasks.names, num_votes=args.num_votes, ttt_steps=args.ttt_steps,
             ttt_learning_rate=args.ttt_learning_rate, canvas_margin=args.canvas_margin,

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
-from pathlib import Path
 
 import torch
+
+logger = logging.getLogger("hf_ext")
+
+# The key of `build_datasets`' result that holds the task's held-out rows as generated (`prompt`, `answer`), which
+# `Stage.task_accuracy` scores before and after training.
+TASK_EVAL_SPLIT = "task_eval"
 
 
 def bf16_supported() -> bool:
@@ -49,11 +55,9 @@ class StageTrainerMixin:
         super()._save(output_dir, state_dict)
         if not self.args.should_save:  # transformers calls _save on every rank; only the saving one writes
             return
-        output_dir = output_dir or self.args.output_dir
-        pickled = Path(output_dir, "training_args.bin")
-        if pickled.exists():
-            os.remove(pickled)
-        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+        from hf_ext.run_folder import RunFolder
+
+        RunFolder(output_dir or self.args.output_dir).write_training_args(self.args.to_json_string())
 
 
 def describe_model(model) -> dict:
@@ -119,7 +123,7 @@ class Stage:
 
     def build_datasets(self, script_args, training_args, tokenizer) -> dict:
         """`{"train": ..., "test": ...}` (test optional) with the columns `trainer_class` needs, every row validated
-        first (an error names the file, row and field)."""
+        first (an error names the file, row and field); with a `task`, also `TASK_EVAL_SPLIT`, its held-out rows."""
         raise NotImplementedError(f"stage {self.name} must implement build_datasets")
 
     def load_model(self, recipe, tokenizer):
@@ -135,6 +139,26 @@ class Stage:
         evaluates its final model."""
         evaluates = self.evaluates_final_model or training_args.eval_strategy != "no"
         return datasets.get("test") if evaluates else None
+
+    def task_accuracy(self, recipe, model, tokenizer, datasets: dict, label: str) -> dict:
+        """`{"accuracy_before" | "accuracy_after": ...}`: exact-match accuracy of `model` on the held-out rows of the
+        recipe's task that `build_datasets` kept (`datasets[TASK_EVAL_SPLIT]`, encoded as in training); {} when the
+        recipe has no task. `label` is "before training" or "after training"."""
+        rows = datasets.get(TASK_EVAL_SPLIT)
+        if rows is None:
+            return {}
+        from hf_ext.data.formats import detect_format
+        from hf_ext.data.tasks import TASKS
+        from hf_ext.eval.accuracy import evaluate_task
+
+        args = recipe.script_args
+        data_format = detect_format(rows.column_names, args.data_format, f"task {args.task}")
+        result = evaluate_task(
+            model, tokenizer, TASKS[args.task], rows, data_format, args.eval_batch_size, args.eval_max_new_tokens,
+            desc=f"Accuracy {label}",
+        )
+        logger.info("accuracy %s: %.3f", label, result["accuracy"])
+        return {f"accuracy_{label.split()[0]}": result}
 
     def final_metrics(self, trainer) -> dict:
         """Metrics of the final model, added to `metrics.json` (called on every rank: evaluation is collective)."""

@@ -20,7 +20,7 @@ from hf_ext.data.formats import FORMATS
 from hf_ext.data.pairs import task_pairs, validate_pair
 from hf_ext.data.sources import describe_source, load_splits
 from hf_ext.errors import UserInputError
-from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin
+from hf_ext.trainers.base import TASK_EVAL_SPLIT, Stage, StageConfigMixin, StageTrainerMixin
 
 BACKENDS = ("transformers", "unsloth")
 CARD_DESCRIPTION = (
@@ -78,6 +78,7 @@ class DPOStage(Stage):
         """`train` (and `test`) as `prompt_ids` / `chosen_ids` / `rejected_ids`, every pair validated first."""
         splits = load_splits(script_args, seed=training_args.seed)
         source = describe_source(script_args)
+        task_eval = splits.get("test") if script_args.task else None
         if script_args.task:
             from hf_ext.data.tasks import TASKS
 
@@ -112,6 +113,8 @@ class DPOStage(Stage):
                         )
         if len(encoded["train"]) == 0:
             raise UserInputError(f"{source}: no training pairs")
+        if task_eval is not None:
+            encoded[TASK_EVAL_SPLIT] = task_eval
         return DatasetDict(encoded)
 
     def load_model(self, recipe, tokenizer):

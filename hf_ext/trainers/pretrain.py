@@ -13,7 +13,6 @@ on the corpus' training split once and cached, so every recipe on the same corpu
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +142,7 @@ def corpus_tokenizer(texts: list[str], vocab_size: int, name: str):
 
     from hf_ext.data.tokenizer import train_sentencepiece_tokenizer
     from hf_ext.loading import cache_root
+    from hf_ext.run_folder import staged_directory
 
     digest = hashlib.sha256(f"{vocab_size}|{sentencepiece.__version__}".encode())
     for text in texts:
@@ -151,9 +151,8 @@ def corpus_tokenizer(texts: list[str], vocab_size: int, name: str):
     folder = cache_root() / "tokenizers" / f"{name}-sp{vocab_size}-{digest.hexdigest()[:12]}"
     with PartialState().main_process_first():
         if not (folder / "tokenizer_config.json").is_file():
-            staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-            train_sentencepiece_tokenizer(texts, vocab_size=vocab_size, output_dir=staging)
-            staging.rename(folder)
+            with staged_directory(folder) as staging:
+                train_sentencepiece_tokenizer(texts, vocab_size=vocab_size, output_dir=staging)
     return AutoTokenizer.from_pretrained(folder)
 
 

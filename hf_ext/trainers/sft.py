@@ -14,7 +14,7 @@ from datasets import DatasetDict
 from hf_ext.data.formats import detect_format, encode_dataset
 from hf_ext.data.sources import describe_source, load_splits
 from hf_ext.errors import UserInputError
-from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin
+from hf_ext.trainers.base import TASK_EVAL_SPLIT, Stage, StageConfigMixin, StageTrainerMixin
 
 CARD_DESCRIPTION = (
     "Supervised fine-tuning (a `trl.SFTTrainer` subclass); the loss covers the response tokens and their "
@@ -51,7 +51,8 @@ class SFTStage(Stage):
     card_description = CARD_DESCRIPTION
 
     def build_datasets(self, script_args, training_args, tokenizer) -> DatasetDict:
-        """`train` (and `test` if the data has one) as `input_ids` + `completion_mask`, every row validated first."""
+        """`train` (and `test` if the data has one) as `input_ids` + `completion_mask`, every row validated first; with
+        a task, its held-out rows as generated too (`TASK_EVAL_SPLIT`, for the accuracy before and after training)."""
         splits = load_splits(script_args, seed=training_args.seed)
         source = describe_source(script_args)
         data_format = detect_format(splits["train"].column_names, script_args.data_format, source)
@@ -63,4 +64,6 @@ class SFTStage(Stage):
         )
         if len(encoded["train"]) == 0:
             raise UserInputError(f"{source}: the training split is empty")
+        if script_args.task and "test" in splits:
+            encoded[TASK_EVAL_SPLIT] = splits["test"]
         return encoded
