@@ -71,7 +71,8 @@ TRAIN_USAGE = "usage: hf-ext train RECIPE.yaml [--key value ...] [-- accelerate 
 
 def train_help(recipe_path: str | None) -> str:
     """`hf-ext train --help` (the stages) or `hf-ext train RECIPE --help` (the keys of the recipe's stage)."""
-    from hf_ext.recipe import describe_keys, read_yaml_mapping
+    from hf_ext.recipe import describe_keys
+    from hf_ext.run_folder import read_yaml_mapping
     from hf_ext.trainers import STAGES, get_stage
 
     if recipe_path is None:
@@ -406,9 +407,16 @@ def data_command(args: list[str]) -> None:
     print(f"{options.output}: {manifest['rows']} pairs; QC {json.dumps(manifest['qc'])}")
 
 
+PIPELINE_USAGE = "usage: hf-ext pipeline PIPELINE.yaml"
+
+
 def pipeline_command(args: list[str]) -> None:
+    if args in (["-h"], ["--help"]):
+        print(f"{PIPELINE_USAGE}\n\nGenerate SFT data -> SFT -> preference pairs -> DPO -> evaluation, each step skipped "
+              "when its outputs are complete (docs/pipeline.md; an example: recipes/pipelines/stage1.yaml).")
+        return
     if len(args) != 1:
-        raise UserInputError("usage: hf-ext pipeline PIPELINE.yaml")
+        raise UserInputError(PIPELINE_USAGE)
     from hf_ext.pipeline import run_pipeline
 
     run_pipeline(args[0])
@@ -431,6 +439,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("hf_ext").setLevel(logging.INFO)  # hf_ext's own results and summary; libraries stay at WARNING
     try:
+        # What `import hf_ext` does in other processes (hf_ext/__init__.py); `train` does it once the recipe's env is
+        # set (train.apply_env), and help needs no architecture.
+        if argv[0] != "train" and not {"-h", "--help"} & set(argv):
+            import hf_ext.models  # noqa: F401
         COMMANDS[argv[0]](argv[1:])
     except UserInputError as error:
         print(f"hf-ext: error: {error}", file=sys.stderr)

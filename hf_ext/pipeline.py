@@ -53,7 +53,8 @@ def run_pipeline(path: str | Path) -> dict:
     from hf_ext.data.tasks import TrainingPrompts
     from hf_ext.eval.accuracy import evaluate_models
     from hf_ext.loading import release_memory
-    from hf_ext.recipe import read_yaml_mapping, task_evaluation
+    from hf_ext.recipe import task_evaluation
+    from hf_ext.run_folder import read_yaml_mapping
     from hf_ext.run_folder import RunFolder, write_json_atomic
     from hf_ext.train import run
 

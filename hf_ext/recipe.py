@@ -24,7 +24,7 @@ from trl import ScriptArguments as TrlScriptArguments
 
 from hf_ext.errors import UserInputError
 from hf_ext.loading import ModelArguments
-from hf_ext.run_folder import RECIPE_FILE
+from hf_ext.run_folder import RECIPE_FILE, read_yaml_mapping
 
 RESERVED_KEYS = ("stage", "accelerate_config", "num_processes", "env")
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "instruction")
@@ -140,19 +140,6 @@ def saved_recipe(model_dir: str | Path) -> Recipe | None:
     if not folder.has_recipe():
         return None
     return parse_recipe(folder.file(RECIPE_FILE), check_paths=False)
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise UserInputError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-    if not isinstance(data, dict):
-        raise UserInputError(f"{path}: a recipe must be a YAML mapping of keys to values, got {type(data).__name__}")
-    return data
 
 
 def split_overrides(args: list[str]) -> dict[str, str | list[str]]:

@@ -62,6 +62,22 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
     staging.rename(target)
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A recipe (or pipeline) file: a YAML mapping, read with `yaml.safe_load`; errors name the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserInputError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: a recipe must be a YAML mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
 def loss_curve(log_history: list[dict]) -> dict[str, list]:
     """The logged train and eval losses of a trainer's `state.log_history`, as `metrics.json` stores them."""
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
@@ -94,18 +110,8 @@ class RunFolder:
 
     def read_recipe(self) -> dict[str, Any]:
         """The saved recipe's keys as written (no defaults filled in), or {} for a folder hf_ext did not train."""
-        import yaml
-
         path = self.file(RECIPE_FILE)
-        if not path.is_file():
-            return {}
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise UserInputError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-        if not isinstance(data, dict):
-            raise UserInputError(f"{path}: expected a mapping of recipe keys, got {type(data).__name__}")
-        return data
+        return read_yaml_mapping(path) if path.is_file() else {}
 
     # metrics.json
     def start(self) -> None:

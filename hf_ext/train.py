@@ -21,11 +21,14 @@ logger = logging.getLogger("hf_ext")
 
 
 def apply_env(recipe_path: str) -> None:
-    """Set the recipe's `env` before torch/transformers/huggingface_hub read their environment at import."""
-    from hf_ext.recipe import read_yaml_mapping
+    """Set the recipe's `env` before torch/transformers/huggingface_hub read their environment at import, then
+    register hf_ext's architectures (which imports them; `hf-ext` and `python -m hf_ext.train` processes defer that
+    to here, see hf_ext/__init__.py)."""
+    from hf_ext.run_folder import read_yaml_mapping
 
     for key, value in (read_yaml_mapping(recipe_path).get("env") or {}).items():
         os.environ[str(key)] = str(value)
+    import hf_ext.models  # noqa: F401
 
 
 def _resume_argument(value: str | None, output_dir: str) -> str | bool | None:
@@ -49,8 +52,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     from accelerate import PartialState
     from peft import PeftModel
 
-    from hf_ext.hub import hub_base_model
     from hf_ext.loading import peft_config
+    from hf_ext.model_card import hub_base_model
     from hf_ext.recipe import parse_recipe
     from hf_ext.run_folder import RunFolder, loss_curve
     from hf_ext.trainers import get_stage
@@ -82,6 +85,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         eval_dataset=stage.eval_dataset(datasets, training_args),
         processing_class=tokenizer,
         peft_config=None if isinstance(model, PeftModel) else peft_config(model_args),  # an adapter keeps training
+        render_card=lambda progress, trained: stage.render_card(recipe, progress, trained),  # checkpoint cards
     )
     resume = _resume_argument(training_args.resume_from_checkpoint, str(folder.path))
     result = trainer.train(resume_from_checkpoint=resume)
@@ -122,7 +126,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             curve, f"{recipe.stage}: {model_name.split('/')[-1]}", ylabel=stage.loss_label,
             mean_train_loss=(trainer.state.global_step, train_loss) if train_loss is not None else None,
         )
-        folder.write_card(stage.render_card(recipe, metrics))
+        folder.write_card(stage.render_card(recipe, metrics, trainer.accelerator.unwrap_model(trainer.model)))
         folder.write_metrics(metrics)
         logger.info("done: %s; outputs in %s", closing_summary(metrics), folder.path)
     state.wait_for_everyone()

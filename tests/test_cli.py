@@ -2,6 +2,7 @@
 
 import json
 import signal
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -178,6 +179,16 @@ def test_help_is_printed_on_stdout_and_names_every_command():
         assert command in result.stdout, command
     unknown = run_cli("hf-ext", "trian")
     assert unknown.returncode == 2 and "unknown command 'trian'" in unknown.stderr and not unknown.stdout
+
+
+@pytest.mark.parametrize("command", [["--help"], ["eval", "--help"], ["data", "--help"], ["pipeline", "--help"]])
+def test_help_imports_neither_torch_nor_transformers(command):
+    """Help prints at once: only commands that run register the architectures (which imports torch, ~4 s)."""
+    hf_ext_command = str(Path(sys.executable).parent / "hf-ext")
+    result = run_cli(sys.executable, "-X", "importtime", hf_ext_command, *command)
+    assert result.returncode == 0 and result.stdout.strip()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "hf_ext" in imported and not {"torch", "transformers"} & imported
 
 
 def test_train_help_lists_the_stages_and_a_recipe_help_lists_its_keys():

@@ -85,6 +85,38 @@ def test_resume_continues_the_same_run(pretrained, cache_dir):
     assert metrics["loss_curve"]["step"] == [1, 2, 3, 4, 5, 6]  # steps 1-4 logged before, restored from the checkpoint
 
 
+def test_checkpoint_cards_come_from_the_same_templates_as_the_final_card(pretrained, tmp_path):
+    """TRL writes its own card at every checkpoint; hf_ext's trainers write the run's card there instead."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    import hf_ext  # noqa: F401
+    from hf_ext.recipe import saved_recipe
+    from hf_ext.trainers import get_stage
+    from hf_ext.trainers.base import StageTrainerMixin
+
+    recipe, stage = saved_recipe(pretrained), get_stage("pretrain")
+    trainer = SimpleNamespace(  # the attributes of a trainer that create_model_card reads, at step 2
+        render_card=lambda progress, model: stage.render_card(recipe, progress, model),
+        is_world_process_zero=lambda: True,
+        state=SimpleNamespace(global_step=2, log_history=[{"step": 1, "loss": 6.2}]),
+        accelerator=SimpleNamespace(unwrap_model=lambda model: model),
+        model=AutoModelForCausalLM.from_pretrained(pretrained),
+        args=SimpleNamespace(output_dir=str(tmp_path)),
+    )
+    StageTrainerMixin.create_model_card(trainer)
+    checkpoint_card, final_card = (tmp_path / "README.md").read_text(), (pretrained / "README.md").read_text()
+
+    def headings(card: str) -> list[str]:
+        return [line for line in card.splitlines() if line.startswith("#")]
+
+    assert "Checkpoint of a run in progress (step 2)" in checkpoint_card and "in progress" not in final_card
+    assert headings(checkpoint_card) == headings(final_card) == [
+        "# mhc", "## Architecture", "## Training", "## Evaluation", "## Use"]
+    assert "mHC language model" in checkpoint_card and "import hf_ext" in checkpoint_card
+
+
 def test_a_run_too_short_to_log_a_step_still_plots_its_loss(tmp_path, cache_dir):
     output_dir = tmp_path / "short"
     result = run_train("recipes/pretrain_mhc.yaml", *tiny_overrides(output_dir), "--max_steps", "2",

@@ -6,6 +6,8 @@
 - In every saved checkpoint: `register_for_auto_class` makes `save_pretrained` / `push_to_hub` copy the
   self-contained configuration and modeling files next to the weights and write `auto_map` into config.json, so
   `from_pretrained(path, trust_remote_code=True)` works where hf_ext is not installed.
+- In `ARCHITECTURE_EXTRAS` (`hf_ext.models.extras`): what hf_ext's stages need beyond the transformers classes (the
+  model card's architecture part, the config fields of a masked LM, the numbers logged at every evaluation).
 """
 
 from transformers import (
@@ -26,7 +28,8 @@ from .mamba_ssm import (
     MambaSSMForSequenceClassification,
     MambaSSMModel,
 )
-from .mhc import MHCConfig, MHCForCausalLM, MHCModel
+from .extras import ARCHITECTURE_EXTRAS, ArchitectureExtras, Diagnostics
+from .mhc import MHCConfig, MHCForCausalLM, MHCModel, health
 
 
 def register(config_class, base_model_class, head_classes: dict) -> None:
@@ -50,3 +53,15 @@ register(
     },
 )
 register(ArcGridConfig, ArcGridModel, {AutoModelForSemanticSegmentation: ArcGridForGridPrediction})
+
+
+ARCHITECTURE_EXTRAS.update(
+    {
+        MHCConfig.model_type: ArchitectureExtras(
+            "mhc_lm.md", diagnostics=Diagnostics("hyper_connections", health.hyper_connection_stats, health.summarize)
+        ),
+        # A masked LM reads both directions: every Mamba mixer also scans the reversed sequence.
+        MambaSSMConfig.model_type: ArchitectureExtras("mamba_ssm.md", masked_lm_fields={"bidirectional": True}),
+        ArcGridConfig.model_type: ArchitectureExtras("arc_grid.md"),
+    }
+)

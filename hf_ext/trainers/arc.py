@@ -182,6 +182,7 @@ class ArcStage(Stage):
     config_class = HfExtArcConfig
     trainer_class = HfExtArcTrainer
     card_description = CARD_DESCRIPTION
+    card_template = "arc.md"
     loss_label = "cross-entropy (output cells / tokens)"
     built_in_data = True  # arc_train_sources / eval_subset, not dataset_name / task / corpus
 
@@ -249,34 +250,20 @@ class ArcStage(Stage):
         print(summary_line(evaluation))
         return metrics
 
-    def render_card(self, recipe, metrics: dict):
-        """`model_cards/arc_grid.md` with this run's variant, data, protocol and scores."""
-        from huggingface_hub import ModelCard, ModelCardData
+    def card_data(self, recipe, metrics: dict) -> dict:
+        return dict(library_name="transformers", tags=["arc", "arc-agi", metrics.get("variant", "")])
 
+    def card_variables(self, recipe, metrics: dict) -> dict:
         from hf_ext.eval.arc import summary_line
-        from hf_ext.resources import shipped_path
 
-        args = recipe.training_args
-        evaluation = metrics.get("arc_eval")
-        card_data = ModelCardData(
-            model_name=Path(args.output_dir).name, library_name="transformers", license="apache-2.0",
-            tags=["hf_ext", "arc", "arc-agi", "arc_grid", metrics.get("variant", "")],
-        )
-        return ModelCard.from_template(
-            card_data,
-            template_path=str(shipped_path("model_cards", "arc_grid.md")),
-            model_name=Path(args.output_dir).name,
-            variant=metrics.get("variant"),
-            parameters=f"{metrics['model']['parameters'] / 1e6:.2f}M",
-            config=args.config_overrides or {},
+        args, evaluation = recipe.training_args, metrics.get("arc_eval")
+        return dict(
             sources=", ".join(args.arc_train_sources),
             eval_subset=args.eval_subset,
             protocol=args.protocol,
             train_tasks=metrics.get("train_tasks"),
             train_pairs=metrics.get("train_pairs"),
             examples_seen=metrics.get("train_examples_seen"),
-            global_step=metrics.get("global_step"),
             train_runtime=metrics.get("train_runtime_seconds"),
             result=summary_line(evaluation) if evaluation else "not evaluated",
-            seed=args.seed,
         )

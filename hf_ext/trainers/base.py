@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from hf_ext.errors import UserInputError
+
 logger = logging.getLogger("hf_ext")
 
 # The key of `build_datasets`' result that holds the task's held-out rows as generated (`prompt`, `answer`), which
@@ -45,6 +47,41 @@ class StageTrainerMixin:
     Parameters matching the model's `_no_weight_decay_patterns` (e.g. mHC's mapping biases and gates) take no
     weight decay, on top of transformers' biases and norms.
     """
+
+    @property
+    def diagnostics(self):
+        """The numbers the model's architecture reports about itself at evaluation (`hf_ext.models.extras`), or None."""
+        from hf_ext.models.extras import extras_for
+
+        return extras_for(self.accelerator.unwrap_model(self.model).config.model_type).diagnostics
+
+    def architecture_diagnostics(self, eval_dataset=None) -> dict | None:
+        """The architecture's diagnostics on the first validation batch (None when it declares none)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.diagnostics is None or dataset is None or len(dataset) == 0:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        batch = self.data_collator([dataset[i] for i in range(min(len(dataset), self.args.per_device_eval_batch_size))])
+        return self.diagnostics.compute(model, batch["input_ids"].to(model.device))
+
+    def __init__(self, *args, render_card=None, **kwargs):
+        """`render_card(metrics, model)`: the run's model card (`Stage.render_card`), written at every checkpoint in
+        place of TRL's generic one; None keeps the parent's card."""
+        self.render_card = render_card
+        super().__init__(*args, **kwargs)
+
+    def create_model_card(self, *args, **kwargs):
+        """hf_ext's card of the run so far (TRL calls this at every checkpoint, transformers before a push)."""
+        if self.render_card is None:
+            return super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero():
+            return None
+        from hf_ext.run_folder import RunFolder, loss_curve
+
+        progress = {"global_step": self.state.global_step, "loss_curve": loss_curve(self.state.log_history),
+                    "in_progress": True}
+        RunFolder(self.args.output_dir).write_card(self.render_card(progress, self.accelerator.unwrap_model(self.model)))
+        return None
 
     def get_decay_parameter_names(self, model) -> list[str]:
         names = super().get_decay_parameter_names(model)
@@ -110,16 +147,23 @@ class Stage:
     config_class: type  # the recipe's stage keys: a TRL config (or `transformers.TrainingArguments`) subclass
     trainer_class: type  # a TRL trainer (or `transformers.Trainer`) subclass taking `peft_config`
     card_description: str  # one sentence for the model card
+    card_template: str = "fine_tuning.md"  # the stage's part of the model card, in model_cards/stages/
     loss_label: str = "loss (response tokens)"  # the loss plot's y label
     built_in_data: bool = False  # the stage reads its data from its own keys, not dataset_name / task / corpus
     takes_corpus: bool = False  # the stage accepts `corpus` (raw text or sequences)
     evaluates_final_model: bool = False  # `final_metrics` evaluates on the `test` split, whatever `eval_strategy`
 
     def load_tokenizer(self, recipe):
-        """The tokenizer of `model_name_or_path` (None is allowed: grids need no tokenizer)."""
+        """The tokenizer named by `tokenizer_name_or_path` (a key of the stages that build models from scratch), else
+        the one of `model_name_or_path`, else `new_tokenizer(recipe)` (None is allowed: grids need no tokenizer)."""
         from hf_ext.loading import load_tokenizer
 
-        return load_tokenizer(recipe.model_args.model_name_or_path)
+        named = getattr(recipe.training_args, "tokenizer_name_or_path", None) or recipe.model_args.model_name_or_path
+        return load_tokenizer(named) if named else self.new_tokenizer(recipe)
+
+    def new_tokenizer(self, recipe):
+        """The tokenizer of a model built from scratch when the recipe names none."""
+        raise UserInputError(f"stage {self.name}: set model_name_or_path (the model and its tokenizer)")
 
     def build_datasets(self, script_args, training_args, tokenizer) -> dict:
         """`{"train": ..., "test": ...}` (test optional) with the columns `trainer_class` needs, every row validated
@@ -164,8 +208,84 @@ class Stage:
         """Metrics of the final model, added to `metrics.json` (called on every rank: evaluation is collective)."""
         return {}
 
-    def render_card(self, recipe, metrics: dict):
-        """The run's model card (`README.md` in the output folder)."""
-        from hf_ext.hub import render_model_card
+    def render_card(self, recipe, metrics: dict, model):
+        """The model card of `model` after (or, at a checkpoint, during) the run: `hf_ext.model_card.render_card`
+        with this stage's `card_template`, `card_data` and `card_variables`."""
+        from hf_ext.model_card import render_card
 
-        return render_model_card(recipe, metrics, self.card_description)
+        return render_card(recipe, self, metrics, model)
+
+    def card_data(self, recipe, metrics: dict) -> dict:
+        """The card's front matter (`ModelCardData` fields) beyond the license, name and the tags every card has
+        (`hf_ext`, the stage, the model_type): a fine-tuned model's, with the base model and the task accuracy."""
+        from huggingface_hub import EvalResult
+
+        from hf_ext.model_card import hub_base_model
+
+        model_args, task = recipe.model_args, recipe.script_args.task
+        after = metrics.get("accuracy_after")
+        eval_results = None
+        if after is not None:
+            eval_results = [
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=f"hf_ext/{task}",
+                    dataset_name=f"hf_ext {task} (held-out split)",
+                    dataset_split="test",
+                    metric_type="accuracy",
+                    metric_name="exact match",
+                    metric_value=round(after["accuracy"], 4),
+                )
+            ]
+        adapter_tags = ["lora", "qlora"] if model_args.use_peft and model_args.load_in_4bit else []
+        return dict(
+            base_model=hub_base_model(recipe),
+            library_name="peft" if model_args.use_peft else "transformers",
+            pipeline_tag="text-generation",
+            tags=["trl", *adapter_tags],
+            eval_results=eval_results,
+        )
+
+    def card_variables(self, recipe, metrics: dict) -> dict:
+        """The variables of `model_cards/stages/<card_template>` (a fine-tuned model's by default)."""
+        from pathlib import Path
+
+        from hf_ext.model_card import hub_base_model
+
+        model_args, script_args = recipe.model_args, recipe.script_args
+        is_adapter = bool(model_args.use_peft)
+        model_name = Path(recipe.training_args.output_dir).name
+        base_reference = hub_base_model(recipe) or model_args.model_name_or_path
+        if is_adapter:
+            usage = (
+                "from peft import AutoPeftModelForCausalLM\n"
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{model_name}")  # loads {base_reference} + this adapter'
+            )
+        else:
+            usage = f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{model_name}")'
+        before, after = metrics.get("accuracy_before"), metrics.get("accuracy_after")
+        curve = metrics.get("loss_curve", {})
+        return dict(
+            summary=f"{recipe.stage.upper()} of {base_reference}"
+            + (f" on the `{script_args.task}` task." if script_args.task else f" on {script_args.dataset_name}."),
+            adapter_kind="LoRA adapter" if is_adapter else "model",
+            data_description=(
+                f"{script_args.task_train_size} generated `{script_args.task}` examples"
+                if script_args.task
+                else f"`{script_args.dataset_name}`"
+            ),
+            data_format=metrics.get("data_format", script_args.data_format),
+            final_loss=f"{curve['loss'][-1]:.4f}" if curve.get("loss") else "n/a",
+            quantization="4-bit nf4 (bitsandbytes)" if model_args.load_in_4bit else model_args.dtype,
+            lora=(
+                f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, dropout={model_args.lora_dropout}, "
+                f"targets={model_args.lora_target_modules}"
+                if is_adapter
+                else "none (full fine-tuning)"
+            ),
+            task=script_args.task,
+            eval_examples=after["num_examples"] if after else None,
+            accuracy_before=before["accuracy"] if before else None,
+            accuracy_after=after["accuracy"] if after else None,
+            usage=usage,
+        )

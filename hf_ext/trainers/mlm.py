@@ -16,7 +16,6 @@ masked positions)`, so every evaluation of every run on the same data scores the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ CARD_DESCRIPTION = (
     "Masked-language-model training of a bidirectional model (a `transformers.Trainer` subclass with BERT-style "
     "masking); loss on the masked residues only."
 )
-CORPORA = ("antibody_germlines",)
+CORPORA = {"antibody_germlines": ("antibody",)}  # built-in corpora and their model-card tags
 
 
 @dataclass
@@ -75,11 +74,14 @@ class HfExtMLMConfig(StageConfigMixin, transformers.TrainingArguments):
             raise UserInputError(f"on_unknown must be 'error' or 'unk', got {self.on_unknown!r}")
         super().__post_init__()
         if self.model_type:  # a bad architecture field fails here, before any data or output folder
-            build_config(self.model_type, self.config_overrides, **bidirectional_fields(self.model_type))
+            build_config(self.model_type, self.config_overrides, **masked_lm_fields(self.model_type))
 
 
-def bidirectional_fields(model_type: str) -> dict:
-    return {"bidirectional": True} if model_type == "mamba_ssm" else {}
+def masked_lm_fields(model_type: str) -> dict:
+    """The config fields the architecture sets for a masked LM (Mamba: bidirectional scans), from its extras."""
+    from hf_ext.models.extras import extras_for
+
+    return dict(extras_for(model_type).masked_lm_fields)
 
 
 class MaskedLMCollator:
@@ -147,6 +149,7 @@ class MLMStage(Stage):
     loss_label = "masked-LM loss (masked residues, nats)"
     takes_corpus = True
     evaluates_final_model = True
+    card_template = "mlm.md"
 
     def build_datasets(self, script_args, training_args, tokenizer) -> DatasetDict:
         """`train`: `input_ids` per sequence (masked anew every batch); `test`: `input_ids` + `labels`, masked once."""
@@ -172,16 +175,11 @@ class MLMStage(Stage):
             encoded["test"] = mask_once(encoded["test"], tokenizer, training_args.mlm_probability, training_args.seed)
         return DatasetDict(encoded)
 
-    def load_tokenizer(self, recipe):
+    def new_tokenizer(self, recipe):
+        """hf_ext's amino-acid tokenizer."""
         from hf_ext.data.protein import build_protein_tokenizer
-        from hf_ext.loading import load_tokenizer as load_named_tokenizer
 
-        args, model_args = recipe.training_args, recipe.model_args
-        if args.tokenizer_name_or_path:
-            return load_named_tokenizer(args.tokenizer_name_or_path)
-        if model_args.model_name_or_path:
-            return load_named_tokenizer(model_args.model_name_or_path)
-        return build_protein_tokenizer(model_max_length=args.max_length)
+        return build_protein_tokenizer(model_max_length=recipe.training_args.max_length)
 
     def load_model(self, recipe, tokenizer):
         """A new bidirectional `model_type` (vocabulary and special tokens from the tokenizer), or `model_name_or_path`."""
@@ -200,7 +198,7 @@ class MLMStage(Stage):
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.cls_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            **bidirectional_fields(args.model_type),
+            **masked_lm_fields(args.model_type),
         )
         return new_model(AutoModelForMaskedLM, args.model_type, args.config_overrides, args.seed, fields)
 
@@ -219,37 +217,21 @@ class MLMStage(Stage):
             )
         return metrics
 
-    def render_card(self, recipe, metrics: dict):
-        """`model_cards/mamba_ssm.md` (the architecture's card) with this run's numbers."""
-        from huggingface_hub import ModelCard, ModelCardData
-
-        from hf_ext.resources import shipped_path
-
-        args = recipe.training_args
-        model = metrics["model"]
-        validation = metrics.get("validation", {})
-        card_data = ModelCardData(
-            model_name=Path(args.output_dir).name,
-            library_name="transformers",
-            pipeline_tag="fill-mask",
-            license="apache-2.0",
-            tags=["hf_ext", "mlm", "protein", "antibody", model["model_type"]],
+    def card_data(self, recipe, metrics: dict) -> dict:
+        """Tags `protein` (the stage's data are amino-acid sequences) and the corpus' own (`antibody`)."""
+        return dict(
+            library_name="transformers", pipeline_tag="fill-mask",
+            tags=["protein", *CORPORA.get(recipe.script_args.corpus, ())],
         )
-        return ModelCard.from_template(
-            card_data,
-            template_path=str(shipped_path("model_cards", "mamba_ssm.md")),
-            model_name=Path(args.output_dir).name,
-            model_type=model["model_type"],
-            objective="masked language modelling (bidirectional)",
-            auto_class="AutoModelForMaskedLM",
-            parameters=f"{model['parameters'] / 1e6:.2f}M",
-            config=args.config_overrides or {},
-            stage_description=CARD_DESCRIPTION,
+
+    def card_variables(self, recipe, metrics: dict) -> dict:
+        args, corpus = recipe.training_args, recipe.script_args.corpus
+        validation = metrics.get("validation", {})
+        return dict(
             data_description=(
-                f"`{recipe.script_args.corpus}` (hf_ext built-in: human IMGT germline V-J assemblies from `abnumber`, "
-                "validation = held-out V genes)" if recipe.script_args.corpus else f"`{recipe.script_args.dataset_name}`"
+                f"`{corpus}` (hf_ext built-in: human IMGT germline V-J assemblies from `abnumber`, "
+                "validation = held-out V genes)" if corpus else f"`{recipe.script_args.dataset_name}`"
             ),
-            global_step=metrics.get("global_step"),
             validation_loss=f"{validation['loss']:.4f}" if "loss" in validation else "n/a",
             validation_perplexity=f"{validation['perplexity']:.2f}" if "perplexity" in validation else "n/a",
             perplexity_definition=(
@@ -257,5 +239,5 @@ class MLMStage(Stage):
                 f"{validation.get('sequences', 'n/a')} held-out sequences masked once with seed {args.seed} "
                 f"(BERT scheme, mlm_probability {args.mlm_probability})"
             ),
-            seed=args.seed,
+            protein=True,
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trl
@@ -80,38 +79,19 @@ class HfExtPretrainTrainer(StageTrainerMixin, trl.SFTTrainer):
         super()._save(output_dir, state_dict)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """Adds perplexity and, for hyper-connection models, the mHC health numbers of one validation batch."""
+        """Adds perplexity and the architecture's diagnostics of one validation batch (mHC: its health numbers)."""
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         extra = {}
         if f"{metric_key_prefix}_loss" in metrics:
             extra[f"{metric_key_prefix}_perplexity"] = perplexity(metrics[f"{metric_key_prefix}_loss"])
-        extra.update(self.hyper_connection_metrics(eval_dataset, metric_key_prefix))
+        report = self.architecture_diagnostics(eval_dataset)
+        if report is not None:
+            summary = self.diagnostics.summarize(report)
+            extra.update({f"{metric_key_prefix}_{key}": value for key, value in summary.items()})
         if extra:
             self.log(extra)
             metrics.update(extra)
         return metrics
-
-    def hyper_connection_stats(self, eval_dataset=None) -> dict | None:
-        """Per-layer mHC health numbers on the first validation batch (None for models without hyper-connections)."""
-        from hf_ext.eval.hyper_connections import has_hyper_connections, hyper_connection_stats
-
-        model = self.accelerator.unwrap_model(self.model)
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if not has_hyper_connections(model) or dataset is None or len(dataset) == 0:
-            return None
-        batch = self.data_collator([dataset[i] for i in range(min(len(dataset), self.args.per_device_eval_batch_size))])
-        return hyper_connection_stats(model, batch["input_ids"].to(model.device))
-
-    def hyper_connection_metrics(self, eval_dataset, prefix: str) -> dict:
-        stats = self.hyper_connection_stats(eval_dataset)
-        if stats is None:
-            return {}
-        return {
-            f"{prefix}_hc_min_stream_spread": min(stats["stream_spread"]),
-            f"{prefix}_hc_max_column_error": max(stats["column_error"]),
-            f"{prefix}_hc_amax_gain_forward": stats["amax_gain_forward"],
-            f"{prefix}_hc_amax_gain_backward": stats["amax_gain_backward"],
-        }
 
 
 def _text_splits(script_args, training_args) -> tuple[DatasetDict, str]:
@@ -173,6 +153,7 @@ class PretrainStage(Stage):
     loss_label = "loss (every token, nats)"
     takes_corpus = True
     evaluates_final_model = True
+    card_template = "pretrain.md"
 
     def build_datasets(self, script_args, training_args, tokenizer) -> DatasetDict:
         """`train` and `test` with one `text` column of non-empty documents; TRL tokenizes and packs them."""
@@ -191,15 +172,12 @@ class PretrainStage(Stage):
         return DatasetDict(checked)
 
     def load_tokenizer(self, recipe):
-        """The tokenizer named by the recipe, the model's own, or a SentencePiece tokenizer trained on the corpus."""
-        from hf_ext.loading import load_tokenizer as load_named_tokenizer
-
-        args, model_args, corpus = recipe.training_args, recipe.model_args, recipe.script_args.corpus
         check_model_source(recipe)
-        if args.tokenizer_name_or_path:
-            return load_named_tokenizer(args.tokenizer_name_or_path)
-        if model_args.model_name_or_path:
-            return load_named_tokenizer(model_args.model_name_or_path)
+        return super().load_tokenizer(recipe)
+
+    def new_tokenizer(self, recipe):
+        """A SentencePiece tokenizer trained on the corpus' training split (cached)."""
+        args, corpus = recipe.training_args, recipe.script_args.corpus
         if not corpus:
             raise UserInputError("pretrain: set tokenizer_name_or_path, or a corpus to train a tokenizer on")
         splits, _ = _text_splits(recipe.script_args, args)
@@ -242,49 +220,21 @@ class PretrainStage(Stage):
                 k.removeprefix("eval_"): v for k, v in evaluation.items() if k not in ("epoch", "eval_num_tokens")
             }
             metrics["validation"]["blocks"] = len(trainer.eval_dataset)
-            stats = trainer.hyper_connection_stats()
-            if stats is not None:
-                metrics["hyper_connections"] = stats
+            report = trainer.architecture_diagnostics()
+            if report is not None:
+                metrics[trainer.diagnostics.name] = report
         return metrics
 
-    def render_card(self, recipe, metrics: dict):
-        """The architecture's card (`model_cards/<model_type>.md`, else `pretrained_lm.md`) with this run's numbers."""
-        from huggingface_hub import ModelCard, ModelCardData
+    def card_data(self, recipe, metrics: dict) -> dict:
+        return dict(library_name="transformers", pipeline_tag="text-generation", tags=["trl"])
 
-        from hf_ext.resources import shipped_path
-
-        args = recipe.training_args
-        model = metrics["model"]
-        try:
-            template = shipped_path("model_cards", f"{model['model_type']}.md")
-        except FileNotFoundError:  # an architecture without a card of its own
-            template = shipped_path("model_cards", "pretrained_lm.md")
+    def card_variables(self, recipe, metrics: dict) -> dict:
         validation = metrics.get("validation", {})
-        card_data = ModelCardData(
-            model_name=Path(args.output_dir).name,
-            library_name="transformers",
-            pipeline_tag="text-generation",
-            license="apache-2.0",
-            tags=["hf_ext", "pretrain", "trl", model["model_type"]],
-        )
-        return ModelCard.from_template(
-            card_data,
-            template_path=str(template),
-            model_name=Path(args.output_dir).name,
-            model_type=model["model_type"],
-            parameters=f"{model['parameters'] / 1e6:.2f}M",
-            parameters_without_embeddings=f"{model['parameters_without_embeddings'] / 1e6:.2f}M",
-            config=args.config_overrides or {},
-            stage_description=CARD_DESCRIPTION,
-            data_description=(
-                f"`{recipe.script_args.corpus}` (hf_ext built-in corpus)" if recipe.script_args.corpus
-                else f"`{recipe.script_args.dataset_name}`"
-            ),
-            block_length=args.max_length,
-            global_step=metrics.get("global_step"),
+        corpus = recipe.script_args.corpus
+        return dict(
+            data_description=f"`{corpus}` (hf_ext built-in corpus)" if corpus else f"`{recipe.script_args.dataset_name}`",
+            block_length=recipe.training_args.max_length,
             tokens_seen=f"{metrics.get('tokens_seen', 0) / 1e6:.2f}M",
             validation_loss=f"{validation['loss']:.4f}" if "loss" in validation else "n/a",
             validation_perplexity=f"{validation['perplexity']:.2f}" if "perplexity" in validation else "n/a",
-            validation=validation,
-            seed=args.seed,
         )

@@ -13,14 +13,11 @@ from __future__ import annotations
 import torch
 
 from hf_ext.generation import eval_mode
+from hf_ext.models.mhc.modeling_mhc import MHCHyperConnection
 
 
-def hyper_connection_modules(model) -> list:
-    return [m for m in model.modules() if type(m).__name__ == "MHCHyperConnection"]
-
-
-def has_hyper_connections(model) -> bool:
-    return bool(hyper_connection_modules(model))
+def hyper_connection_modules(model) -> list[MHCHyperConnection]:
+    return [m for m in model.modules() if isinstance(m, MHCHyperConnection)]
 
 
 @torch.no_grad()
@@ -58,4 +55,14 @@ def hyper_connection_stats(model, input_ids: torch.Tensor, attention_mask: torch
         "column_error": column_error,
         "amax_gain_forward": composite.abs().sum(-1).max().item(),
         "amax_gain_backward": composite.abs().sum(-2).max().item(),
+    }
+
+
+def summarize(stats: dict) -> dict[str, float]:
+    """The four numbers logged at every evaluation (`eval_hc_*`): the worst layer of each health measure."""
+    return {
+        "hc_min_stream_spread": min(stats["stream_spread"]),
+        "hc_max_column_error": max(stats["column_error"]),
+        "hc_amax_gain_forward": stats["amax_gain_forward"],
+        "hc_amax_gain_backward": stats["amax_gain_backward"],
     }
