@@ -45,8 +45,15 @@ class StageTrainerMixin:
     `torch.load(weights_only=True)`, which cannot execute code.)
 
     Parameters matching the model's `_no_weight_decay_patterns` (e.g. mHC's mapping biases and gates) take no
-    weight decay, on top of transformers' biases and norms.
+    weight decay, on top of transformers' biases and norms. Checkpoint cards are hf_ext's (`create_model_card`), and
+    the architecture's diagnostics (`hf_ext.models.extras`) are there for the stages to log.
     """
+
+    def __init__(self, *args, render_card=None, **kwargs):
+        """`render_card(metrics, model)`: the run's model card (`Stage.render_card`), written at every checkpoint in
+        place of TRL's generic one; None keeps the parent's card."""
+        self.render_card = render_card
+        super().__init__(*args, **kwargs)
 
     @property
     def diagnostics(self):
@@ -63,12 +70,6 @@ class StageTrainerMixin:
         model = self.accelerator.unwrap_model(self.model)
         batch = self.data_collator([dataset[i] for i in range(min(len(dataset), self.args.per_device_eval_batch_size))])
         return self.diagnostics.compute(model, batch["input_ids"].to(model.device))
-
-    def __init__(self, *args, render_card=None, **kwargs):
-        """`render_card(metrics, model)`: the run's model card (`Stage.render_card`), written at every checkpoint in
-        place of TRL's generic one; None keeps the parent's card."""
-        self.render_card = render_card
-        super().__init__(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs):
         """hf_ext's card of the run so far (TRL calls this at every checkpoint, transformers before a push)."""
