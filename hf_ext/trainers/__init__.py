@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "pretrain": "hf_ext.trainers.pretrain:PretrainStage",
     "mlm": "hf_ext.trainers.mlm:MLMStage",
     "arc": "hf_ext.trainers.arc:ArcStage",
+    "sdft": "hf_ext.trainers.sdft:SDFTStage",
 }
 
 
