@@ -283,10 +283,11 @@ def arc_command(args: list[str]) -> None:
     parser.add_argument("--output", help="write the metrics and settings as JSON to this file")
     parser.add_argument("--attempts", help="write the attempts in ARC Prize submission format to this file")
     options = parser.parse_args(args)
+    if options.num_votes is not None and options.num_votes < 1:
+        raise UserInputError(f"--num_votes must be >= 1, got {options.num_votes}")
 
     from transformers import AutoModelForSemanticSegmentation
 
-    import hf_ext  # noqa: F401  (registers arc_grid)
     from hf_ext.data.arc import load_subset, read_task_file
     from hf_ext.eval.arc import check_no_leak, evaluate_arc, summary_line, write_attempts
     from hf_ext.recipe import saved_recipe
@@ -294,6 +295,7 @@ def arc_command(args: list[str]) -> None:
     from hf_ext.trainers.arc import HfExtArcConfig
 
     saved = saved_recipe(options.model) if Path(options.model).is_dir() else None
+    saved = saved if saved is not None and saved.stage == "arc" else None  # another stage's folder: no ARC settings
 
     def setting(name: str):
         """The command line's value, else the model's recipe's, else the arc stage's default (seed: 0)."""

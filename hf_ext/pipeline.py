@@ -78,20 +78,26 @@ def run_pipeline(path: str | Path) -> dict:
         except UserInputError:
             return False
 
+    # Every step's keys are checked before the first step runs.
+    generation_keys = _split_keys(
+        str(path), "generate_sft", steps["generate_sft"], TrainingPrompts, GenerationSettings, generate_task_sft_data
+    )
+    pair_keys = _split_keys(str(path), "make_pairs", steps["make_pairs"], TrainingPrompts, make_task_pairs)
+    evaluation_keys = _split_keys(str(path), "evaluate", steps["evaluate"], task_evaluation, evaluate_models)
+    for step in ("sft", "dpo"):
+        if "recipe" not in steps[step]:
+            raise UserInputError(f"{path}: step '{step}': missing key 'recipe' (e.g. recipes/{step}.yaml)")
+
     def generate_sft() -> None:
-        prompt_keys, settings, rest = _split_keys(
-            str(path), "generate_sft", steps["generate_sft"], TrainingPrompts, GenerationSettings, generate_task_sft_data
-        )
+        prompt_keys, settings, rest = generation_keys
         generate_task_sft_data(base, TrainingPrompts(task, **prompt_keys), sft_data, GenerationSettings(**settings), **rest)
 
     def make_pairs() -> None:
-        prompt_keys, rest = _split_keys(str(path), "make_pairs", steps["make_pairs"], TrainingPrompts, make_task_pairs)
+        prompt_keys, rest = pair_keys
         make_task_pairs(str(sft_dir), TrainingPrompts(task, **prompt_keys), pairs, **{"data_format": data_format, **rest})
 
     def train(step: str, folder: Path, model: str, data: Path) -> None:
         options = dict(steps[step])
-        if "recipe" not in options:
-            raise UserInputError(f"{path}: step '{step}': missing key 'recipe' (e.g. recipes/{step}.yaml)")
         recipe = options.pop("recipe")
         keys = {"model_name_or_path": model, "task": "null", "dataset_name": str(data), "data_format": data_format,
                 "output_dir": str(folder), "resume_from_checkpoint": "true", **options}
@@ -100,7 +106,7 @@ def run_pipeline(path: str | Path) -> dict:
         run(recipe, [arg for key, value in keys.items() for arg in (f"--{key}", _as_option(value))])
 
     def evaluate() -> None:
-        settings, rest = _split_keys(str(path), "evaluate", steps["evaluate"], task_evaluation, evaluate_models)
+        settings, rest = evaluation_keys
         models = [(str(reference), task_evaluation(str(reference), **{"data_format": data_format, **settings}, task=task))
                   for reference in (base, sft_dir, dpo_dir)]
         summary = evaluate_models(models, **{"judge": base, **rest})

@@ -115,13 +115,6 @@ class Recipe:
             out[key] = int(value) if isinstance(value, float) and value.is_integer() and abs(value) >= 1 else value
         return out
 
-    def setting(self, key: str) -> Any:
-        """The parsed value of recipe key `key` (the stage's default when the recipe did not set it)."""
-        for args in (self.script_args, self.training_args, self.model_args):
-            if hasattr(args, key):
-                return getattr(args, key)
-        raise KeyError(key)
-
     def to_yaml(self, saved_as: str | Path) -> str:
         """`recipe.yaml` text: the resolved keys under a header naming the versions and the re-run command."""
         import importlib.metadata as md
@@ -131,15 +124,42 @@ class Recipe:
         return header + yaml.safe_dump(self.resolved(), sort_keys=False)
 
 
-def saved_recipe(model_dir: str | Path) -> Recipe | None:
-    """The recipe a trained model's folder was made with, parsed with its stage's defaults (what the run used), or
-    None for a folder hf_ext did not train. Paths it names are not checked: data may have moved since."""
+@dataclass
+class SavedRecipe:
+    """The settings of a finished run, read back from its `recipe.yaml`: the keys it wrote, else the defaults of its
+    stage's dataclasses (what the run used). Nothing is re-validated: a recipe that set `bf16: true` on a GPU pod is
+    read on a CPU laptop, and paths it names may have moved."""
+
+    path: Path
+    stage: str
+    values: dict[str, Any]
+
+    def setting(self, key: str) -> Any:
+        if key in self.values:
+            return self.values[key]
+        from hf_ext.trainers import get_stage
+
+        for args_class in (ScriptArguments, get_stage(self.stage).config_class, ModelArguments):
+            for spec in dataclasses.fields(args_class):
+                if spec.name == key:
+                    if spec.default_factory is not dataclasses.MISSING:
+                        return spec.default_factory()
+                    return None if spec.default is dataclasses.MISSING else spec.default
+        raise KeyError(key)
+
+
+def saved_recipe(model_dir: str | Path) -> SavedRecipe | None:
+    """The settings a trained model's folder was made with, or None for a folder hf_ext did not train."""
     from hf_ext.run_folder import RunFolder
+    from hf_ext.trainers import STAGES
 
     folder = RunFolder(model_dir)
     if not folder.has_recipe():
         return None
-    return parse_recipe(folder.file(RECIPE_FILE), check_paths=False)
+    values = folder.read_recipe()
+    if values.get("stage") not in STAGES:
+        raise UserInputError(f"{folder.file(RECIPE_FILE)}: key 'stage' must be one of {', '.join(STAGES)}")
+    return SavedRecipe(folder.file(RECIPE_FILE), values["stage"], values)
 
 
 def split_overrides(args: list[str]) -> dict[str, str | list[str]]:
@@ -201,7 +221,7 @@ def describe_keys(stage_name: str) -> str:
     return parser.format_help()
 
 
-def parse_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
+def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Parse `path` with `--key value` `overrides` into a validated `Recipe` (no model or data is loaded)."""
     from hf_ext.trainers import STAGES, get_stage
 
@@ -280,8 +300,7 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None, check_pat
         env=env,
         explicit_keys=list(dict.fromkeys([*data, *cli, *unset])),
     )
-    if check_paths:
-        validate_paths(recipe)
+    validate_paths(recipe)
     return recipe
 
 

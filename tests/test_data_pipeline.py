@@ -10,6 +10,7 @@ from hf_ext.data.formats import FORMATS
 from hf_ext.data.manifest import manifest_path, verify_manifest
 from hf_ext.data.pairs import sampled_pairs
 from hf_ext.data.tasks import TASKS
+from hf_ext.errors import UserInputError
 from hf_ext.eval.judge import LogprobJudge
 from tests.conftest import SMOLLM2, run_cli
 
@@ -159,3 +160,14 @@ def test_data_tools_never_use_held_out_prompts(tmp_path):
     later = [json.loads(line)["prompt"] for line in skipped.read_text().splitlines()]
     first_2000 = list(TASKS["addition"].splits(2000, 200, seed=42)["train"]["prompt"])
     assert later[:5] == first_2000[1900:1905], "--offset skips the prompts other steps used"
+
+
+def test_pipeline_checks_every_steps_keys_before_running_any(tmp_path):
+    from hf_ext.pipeline import run_pipeline
+
+    pipeline = tmp_path / "typo.yaml"
+    pipeline.write_text(f"output_dir: {tmp_path / 'out'}\nmodel_name_or_path: {SMOLLM2}\ntask: addition\n"
+                        "sft: {recipe: recipes/sft.yaml}\ndpo: {recipe: recipes/dpo.yaml}\nevaluate: {num_exampels: 4}\n")
+    with pytest.raises(UserInputError, match=r"step 'evaluate': key\(s\) num_exampels not accepted here.*num_examples"):
+        run_pipeline(pipeline)
+    assert not (tmp_path / "out").exists()

@@ -87,16 +87,16 @@ def test_resume_continues_the_same_run(pretrained, cache_dir):
 
 def test_checkpoint_cards_come_from_the_same_templates_as_the_final_card(pretrained, tmp_path):
     """TRL writes its own card at every checkpoint; hf_ext's trainers write the run's card there instead."""
-    from types import SimpleNamespace
+    from types import MethodType, SimpleNamespace
 
     from transformers import AutoModelForCausalLM
 
     import hf_ext  # noqa: F401
-    from hf_ext.recipe import saved_recipe
+    from hf_ext.recipe import parse_recipe
     from hf_ext.trainers import get_stage
     from hf_ext.trainers.base import StageTrainerMixin
 
-    recipe, stage = saved_recipe(pretrained), get_stage("pretrain")
+    recipe, stage = parse_recipe(pretrained / "recipe.yaml"), get_stage("pretrain")
     trainer = SimpleNamespace(  # the attributes of a trainer that create_model_card reads, at step 2
         render_card=lambda progress, model: stage.render_card(recipe, progress, model),
         is_world_process_zero=lambda: True,
@@ -105,8 +105,13 @@ def test_checkpoint_cards_come_from_the_same_templates_as_the_final_card(pretrai
         model=AutoModelForCausalLM.from_pretrained(pretrained),
         args=SimpleNamespace(output_dir=str(tmp_path)),
     )
+    trainer.progress_card = MethodType(StageTrainerMixin.progress_card, trainer)
     StageTrainerMixin.create_model_card(trainer)
     checkpoint_card, final_card = (tmp_path / "README.md").read_text(), (pretrained / "README.md").read_text()
+    checkpoints = sorted(pretrained.glob("checkpoint-*"))
+    assert checkpoints and all(  # the run's own checkpoints hold the run's card too, not PEFT's or TRL's
+        f"Checkpoint of a run in progress (step {c.name.split('-')[1]})" in (c / "README.md").read_text() for c in checkpoints
+    )
 
     def headings(card: str) -> list[str]:
         return [line for line in card.splitlines() if line.startswith("#")]

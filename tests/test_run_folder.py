@@ -63,6 +63,8 @@ def test_saved_settings_are_the_ones_the_run_used(tmp_path):
     evaluation = task_evaluation(str(tmp_path))
     assert (evaluation.task, evaluation.seed, evaluation.eval_size, evaluation.load_in_4bit) == ("addition", 3, 50, True)
     assert task_evaluation(str(tmp_path), task="sorting", seed=1).task == "sorting"
+    (tmp_path / "recipe.yaml").write_text("stage: sft\ntask: addition\nbf16: true\nbackend: unsloth\n")
+    assert task_evaluation(str(tmp_path)).task == "addition"  # GPU-only settings do not stop a read-back on a CPU
     (tmp_path / "recipe.yaml").write_text("stage: [sft\n")
     with pytest.raises(UserInputError, match="recipe.yaml: not valid YAML"):
         saved_recipe(tmp_path)

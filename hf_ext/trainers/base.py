@@ -7,9 +7,12 @@ import math
 import os
 import re
 
+from pathlib import Path
+
 import torch
 
 from hf_ext.errors import UserInputError
+from hf_ext.run_folder import RunFolder, loss_curve
 
 logger = logging.getLogger("hf_ext")
 
@@ -75,14 +78,29 @@ class StageTrainerMixin:
         """hf_ext's card of the run so far (TRL calls this at every checkpoint, transformers before a push)."""
         if self.render_card is None:
             return super().create_model_card(*args, **kwargs)
-        if not self.is_world_process_zero():
-            return None
-        from hf_ext.run_folder import RunFolder, loss_curve
+        if self.is_world_process_zero():
+            RunFolder(self.args.output_dir).write_card(self.progress_card())
+        return None
 
+    def _save_checkpoint(self, model, trial):
+        """Each checkpoint folder holds the run's card too (PEFT writes a generic one into it), and so does the output
+        folder for the stages whose parent (`transformers.Trainer`, TRL's experimental trainers) writes none."""
+        super()._save_checkpoint(model, trial)
+        if self.render_card is None or not self.is_world_process_zero():
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        card = self.progress_card()
+        checkpoint = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        for folder in (Path(self.args.output_dir), checkpoint):
+            if folder.is_dir():
+                RunFolder(folder).write_card(card)
+
+    def progress_card(self):
+        """The run's card at the current step."""
         progress = {"global_step": self.state.global_step, "loss_curve": loss_curve(self.state.log_history),
                     "in_progress": True}
-        RunFolder(self.args.output_dir).write_card(self.render_card(progress, self.accelerator.unwrap_model(self.model)))
-        return None
+        return self.render_card(progress, self.accelerator.unwrap_model(self.model))
 
     def get_decay_parameter_names(self, model) -> list[str]:
         names = super().get_decay_parameter_names(model)
@@ -127,7 +145,7 @@ def final_evaluation(trainer) -> dict:
     model is evaluated once."""
     step = trainer.state.global_step
     logged = [e for e in trainer.state.log_history if e.get("step") == step and any(k.startswith("eval_") for k in e)]
-    if not logged:
+    if not logged or trainer.args.load_best_model_at_end:  # the saved model is then the best checkpoint's
         return trainer.evaluate()
     merged: dict = {}
     for entry in logged:  # evaluate() logs its metrics, then hf_ext's extras (perplexity, mHC numbers), at one step

@@ -94,6 +94,8 @@ class HfExtSDFTConfig(StageConfigMixin, SDFTConfig):
         for placeholder in ("{prompt}", "{privileged_context}"):
             if placeholder not in self.teacher_prompt_template:
                 raise UserInputError(f"teacher_prompt_template: must contain {placeholder}, got {self.teacher_prompt_template!r}")
+        if self.generate_from_teacher:  # TRL encodes those prompts with the student's limit, cutting the question (S4)
+            raise UserInputError("generate_from_teacher: not supported by stage sdft (sampling is from the student, as in the paper)")
         if self.max_prompt_length is not None and self.max_teacher_prompt_length < self.max_prompt_length:
             raise UserInputError(
                 f"max_teacher_prompt_length ({self.max_teacher_prompt_length}) must be at least max_prompt_length "
@@ -252,7 +254,8 @@ def validated_rows(rows: Dataset, args: HfExtSDFTConfig, tokenizer, source: str)
         problem = _prompt_problem(prompt) or (None if context.strip() else "privileged_context (the demonstration) is empty")
         if problem:
             raise UserInputError(f"{source} row {index}: {problem}")
-    teacher_ids = encode_prompts(tokenizer, [teacher_prompt(args.teacher_prompt_template, p, c) for p, c in zip(prompts, contexts)])
+    teacher_prompts = [teacher_prompt(args.teacher_prompt_template, p, c) for p, c in zip(prompts, contexts)]
+    teacher_ids = encode_prompts(tokenizer, teacher_prompts, args.chat_template_kwargs)
     for index, ids in enumerate(teacher_ids):
         if len(ids) > args.max_teacher_prompt_length:
             raise UserInputError(
