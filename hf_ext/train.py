@@ -52,6 +52,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     from accelerate import PartialState
     from peft import PeftModel
 
+    from hf_ext.eval.accuracy import peak_rss_mb
     from hf_ext.loading import peft_config
     from hf_ext.model_card import hub_base_model
     from hf_ext.recipe import parse_recipe
@@ -118,7 +119,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             train_loss=train_loss,
             world_size=state.num_processes,
             ranks=per_rank,
-            peak_rss_mb=_peak_rss_mb(),
+            peak_rss_mb=peak_rss_mb(),
             loss_curve=curve,
             torch_threads=torch.get_num_threads(),
         )
@@ -157,12 +158,6 @@ def record_adapter_base(adapter_dir: Path, reference: str) -> None:
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = reference
     write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> None:

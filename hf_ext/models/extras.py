@@ -1,7 +1,8 @@
 """What hf_ext's stages need to know of an architecture beyond its transformers classes, declared by the architecture.
 
-Stages are generic: they ask `extras_for(model_type)` and never compare `model_type` themselves. Each architecture
-package declares its `EXTRAS`; an architecture hf_ext does not ship (Llama, SmolLM2, ...) gets the defaults.
+Stages are generic: they ask `extras_for(model_type)` and never compare `model_type` themselves. `hf_ext.models`
+declares the extras of each architecture it registers; an architecture hf_ext does not ship (Llama, SmolLM2, ...)
+gets the defaults.
 """
 
 from __future__ import annotations
