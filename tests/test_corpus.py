@@ -167,3 +167,34 @@ def test_corpus_tokenizer_trains_on_the_train_split(tmp_path, validation_texts):
 def test_bad_tokenizer_input_is_a_clear_error(texts, vocab_size, model_type, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train_sentencepiece_tokenizer(texts, vocab_size, tmp_path, model_type=model_type)
+
+
+def test_text_perplexity_is_the_mean_block_loss_over_held_out_documents(validation_texts):
+    """`text_perplexity` = exp(mean next-token loss) of the blocks the documents make, each block scored alone:
+    the same as transformers' own loss (labels = input ids) averaged over the blocks."""
+    import math
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_ext.eval.perplexity import text_perplexity
+    from hf_ext.loading import load_tokenizer
+    from tests.conftest import SMOLLM2
+
+    smollm2_tokenizer = load_tokenizer(SMOLLM2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    result = text_perplexity(model, smollm2_tokenizer, validation_texts, block_size=64, max_tokens=300, batch_size=3)
+    ids = []
+    for text in validation_texts:
+        ids += smollm2_tokenizer(text, add_special_tokens=False)["input_ids"] + [smollm2_tokenizer.eos_token_id]
+        if len(ids) >= 300:
+            break
+    blocks = torch.tensor(ids[:256]).view(4, 64)  # 300 tokens make 4 whole blocks of 64
+    with torch.no_grad():
+        losses = [model(input_ids=block[None], labels=block[None]).loss.item() for block in blocks]
+    assert result["num_tokens"] == 4 * 63 and result["block_size"] == 64
+    assert result["mean_loss"] == pytest.approx(sum(losses) / 4, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(sum(losses) / 4), rel=1e-5)
+    assert model.training  # eval mode only inside the call

@@ -8,7 +8,7 @@ from hf_ext.recipe import parse_recipe, split_overrides
 from hf_ext.run_folder import RunFolder
 from tests.conftest import REPO, SMOLLM2
 
-SHIPPED = sorted([*(REPO / "recipes").glob("*.yaml"), *(REPO / "recipes" / "arc").glob("*.yaml")])
+SHIPPED = sorted(path for folder in ("", "arc", "continual") for path in (REPO / "recipes" / folder).glob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:

@@ -71,7 +71,7 @@ def test_defaults_are_the_papers_and_the_recipe_parses(tmp_path):
     from hf_ext.recipe import parse_recipe
 
     args = HfExtSDFTConfig(output_dir=str(tmp_path))
-    paper = dict(teacher_model_kind="ema", teacher_update_rate=0.01, teacher_sync_steps=1,
+    paper = dict(teacher_model_kind="ema", teacher_update_rate=0.01, teacher_sync_steps=1, teacher_adapter_init="student",
                  distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=2.0,
                  num_loss_tokens_to_skip=3, num_generations=1, teacher_prompt_template=PAPER_TEACHER_TEMPLATE,
                  max_prompt_length=2048, max_teacher_prompt_length=8192, max_completion_length=2048, temperature=1.0,
@@ -137,6 +137,21 @@ def test_first_completion_tokens_are_left_out_of_the_loss(tokenizer, tmp_path):
     assert trainer._compute_self_distillation_loss(trainer.model, inputs, logits).item() == pytest.approx(loss.item(), abs=1e-7)
 
 
+def test_completions_within_the_skipped_tokens_are_reported(tokenizer, tmp_path, caplog):
+    """Completions of at most `num_loss_tokens_to_skip` tokens carry no loss: the share is logged, and a batch of only
+    such completions (zero loss, zero gradient) is warned about once."""
+    import logging
+
+    args = sdft_args(tmp_path, max_completion_length=2, generation_kwargs={"min_new_tokens": 2}, logging_steps=1)
+    trainer = trainer_for(tiny_model("llama", tokenizer), tokenizer, args, peft=LORA_TARGETS["llama"])
+    with caplog.at_level(logging.WARNING, logger="hf_ext"):
+        trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "completions/unscored_ratio" in entry]
+    assert [entry["completions/unscored_ratio"] for entry in logged] == [1.0, 1.0]
+    assert all(entry["loss"] == 0.0 for entry in logged)
+    assert caplog.text.count("every completion is at most num_loss_tokens_to_skip=3 tokens long") == 1
+
+
 def test_teacher_prompts_keep_the_question_past_the_student_limit(tokenizer, tmp_path):
     """S4: TRL cuts teacher prompts to the student's `max_prompt_length` from the left, dropping the question."""
     args = sdft_args(tmp_path, max_prompt_length=32, max_teacher_prompt_length=512)
@@ -163,17 +178,51 @@ def test_bad_rows_are_one_line_errors(tokenizer, tmp_path, row, message):
         validated_rows(Dataset.from_list([row]), sdft_args(tmp_path), tokenizer, "rows.jsonl [train]")
 
 
-def test_ema_teacher_adapter_starts_at_the_base_model_and_follows_the_update_rule(tokenizer, tmp_path):
-    """S2: the LoRA teacher starts at zero (= the base model); after each step teacher = (1-a) teacher + a student."""
-    args = sdft_args(tmp_path, max_steps=1, teacher_update_rate=0.25)
+@pytest.mark.parametrize("init", ["student", "zero"])
+def test_ema_teacher_adapter_starts_at_the_base_model_and_follows_the_update_rule(tokenizer, tmp_path, init):
+    """S2: a fresh LoRA teacher is the base model (a copy of the fresh student adapter, whose B is zero; or all
+    zeros, TRL's way); after each step teacher = (1-a) teacher + a student, on every adapter weight."""
+    args = sdft_args(tmp_path, max_steps=1, teacher_update_rate=0.25, teacher_adapter_init=init)
     trainer = trainer_for(tiny_model("llama", tokenizer), tokenizer, args, peft=LORA_TARGETS["llama"])
+    initial = {key: value.detach().clone() for key, value in get_peft_model_state_dict(trainer.model).items()}
     trainer.train()
     model = trainer.model
     student = get_peft_model_state_dict(model)
     teacher = get_peft_model_state_dict(model, adapter_name=TEACHER_ADAPTER)
     assert student.keys() == teacher.keys()
     for key in student:
-        torch.testing.assert_close(teacher[key], 0.25 * student[key], atol=1e-6, rtol=0)
+        start = initial[key] if init == "student" else torch.zeros_like(initial[key])
+        torch.testing.assert_close(teacher[key], 0.75 * start + 0.25 * student[key], atol=1e-6, rtol=0)
+        if "lora_B" in key:
+            assert initial[key].abs().sum() == 0  # so the teacher started as the base model either way
+
+
+def test_a_continued_adapter_is_its_own_first_teacher(tokenizer, tmp_path):
+    """S2: training on from a trained adapter (task B after task A), the EMA teacher starts as that adapter (the
+    paper's teacher starts as the model being trained), not as the base model, which TRL's zero start would be."""
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_model("llama", tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS["llama"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # a trained adapter: B is no longer zero
+    trained = {key: value.detach().clone() for key, value in get_peft_model_state_dict(model).items()}
+    trainer = trainer_for(model, tokenizer, sdft_args(tmp_path, max_steps=1))
+    trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    teacher = get_peft_model_state_dict(trainer.model, adapter_name=TEACHER_ADAPTER)
+    for key, value in trained.items():
+        torch.testing.assert_close(teacher[key], value, atol=0, rtol=0)
+    batch = tokenizer(["What is 12 + 30?"], return_tensors="pt")
+    with torch.no_grad():
+        student_logits = trainer.model(**batch).logits
+        trainer.model.set_adapter(TEACHER_ADAPTER)
+        teacher_logits = trainer.model(**batch).logits
+        trainer.model.set_adapter("default")
+        with trainer.model.disable_adapter():
+            base_logits = trainer.model(**batch).logits
+    torch.testing.assert_close(teacher_logits, student_logits, atol=1e-6, rtol=0)
+    assert (teacher_logits - base_logits).abs().max() > 1e-3
 
 
 def test_a_resumed_run_keeps_its_teacher(tokenizer, tmp_path):
@@ -224,6 +273,31 @@ def test_recipe_trains_smollm2_with_qlora_and_writes_every_artifact(tmp_path):
     assert {"accuracy_before", "accuracy_after"} <= metrics.keys()
     assert (out / "adapter_model.safetensors").is_file() and (out / TEACHER_ADAPTER / "adapter_model.safetensors").is_file()
     assert (out / "loss_curve.png").is_file() and "- sdft" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_continual_recipes_chain_sft_then_sdft_with_the_task_a_adapter_as_first_teacher(tmp_path):
+    """recipes/continual: task A by SFT, then task B by SDFT from that adapter (the continual-learning experiment's
+    chain, through the CLI). The saved teacher is one EMA step from the task-A adapter: 0.99 A + 0.01 student."""
+    from safetensors.torch import load_file
+
+    small = ["--max_steps", "1", "--task_eval_size", "4", "--per_device_train_batch_size", "2", "--save_strategy", "no"]
+    task_a, task_b = tmp_path / "task_a", tmp_path / "task_b"
+    result = run_cli("hf-ext", "train", "recipes/continual/task_a_sft.yaml", *small, "--task_train_size", "8",
+                     "--output_dir", str(task_a))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli("hf-ext", "train", "recipes/continual/task_b_sdft.yaml", *small, "--task_train_size", "2",
+                     "--model_name_or_path", str(task_a), "--output_dir", str(task_b))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((task_b / "metrics.json").read_text())
+    assert (metrics["stage"], metrics["global_step"], metrics["task"]) == ("sdft", 1, "sorting")
+    adapter_a = load_file(task_a / "adapter_model.safetensors")
+    student = load_file(task_b / "adapter_model.safetensors")
+    teacher = load_file(task_b / TEACHER_ADAPTER / "adapter_model.safetensors")
+    assert adapter_a.keys() == student.keys() == teacher.keys()
+    for key in adapter_a:
+        torch.testing.assert_close(teacher[key], 0.99 * adapter_a[key] + 0.01 * student[key], atol=1e-6, rtol=1e-5)
+    assert any((student[key] - adapter_a[key]).abs().max() > 0 for key in student)  # stage B trained the adapter
 
 
 def test_bad_data_fails_before_any_model_loads_and_writes_nothing(tmp_path):

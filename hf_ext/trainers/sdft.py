@@ -12,13 +12,18 @@ TRL 1.16 falls short (specs/sdft.md, S1-S6):
   that does not fit is a data error before any model loads;
 - S5: the defaults below;
 - S6: a `teacher` adapter that already exists (a resumed run's, restored by transformers) is reused, not reset;
-- S2 (the LoRA teacher is EMA(B)·EMA(A), starting from the base model) and S3 (importance-sampling correction only
-  matters with vLLM) are documented, not changed.
+- S2: the LoRA EMA teacher adapter starts as a copy of the student's adapter (the paper's teacher starts as the
+  model being trained), not at zero, which is the base model: for a fresh adapter both are the base model, but a
+  run that continues an adapter (task B after task A) would otherwise distil from a teacher without task A. A and
+  B are still averaged separately (EMA(B)·EMA(A)); from the student's A this equals EMA(B·A) to first order in the
+  rate. `teacher_adapter_init: zero` is TRL's behaviour;
+- S3 (importance-sampling correction only matters with vLLM) is documented, not changed.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +51,7 @@ PRESETS = {
     "paper_v1_reverse": {"distillation_alpha": 1.0},  # reverse KL, as paper v1's text describes it
 }
 TEACHER_ADAPTER = "teacher"
+logger = logging.getLogger("hf_ext")
 
 
 @dataclass
@@ -82,6 +88,11 @@ class HfExtSDFTConfig(StageConfigMixin, SDFTConfig):
     gradient_accumulation_steps: int = field(default=32, metadata={"help": "Micro-batches per optimizer step."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs (paper: 2 for skills, 4 for knowledge)."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (paper: 0)."})
+    teacher_adapter_init: Literal["student", "zero"] = field(
+        default="student",
+        metadata={"help": "LoRA EMA teacher's first weights: student (a copy of the adapter being trained, as the "
+                          "paper's teacher) or zero (TRL: the base model)."},
+    )
     preset: str | None = field(
         default=None,
         metadata={"help": "paper (the defaults) or paper_v1_reverse (sets distillation_alpha 1.0: reverse KL).",
@@ -153,18 +164,30 @@ class TeacherContextBuilder(DemonstrationTeacherContextBuilder):
 
 
 class TeacherAdapterEMACallback(PEFTAdapterEMACallback):
-    """TRL's EMA `teacher` LoRA adapter that survives a resume (S6): transformers restores every adapter of the
-    checkpoint, teacher included, and TRL's callback would then re-add the teacher at zero; an existing teacher
-    adapter is reused with its weights instead."""
+    """TRL's EMA `teacher` LoRA adapter, starting as a copy of the student's adapter (S2; `from_student=False`: at
+    zero, as TRL) and surviving a resume (S6): transformers restores every adapter of the checkpoint, teacher
+    included, and TRL's callback would then re-add the teacher at zero; an existing teacher adapter is reused with
+    its weights instead."""
+
+    def __init__(self, *args, from_student: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.from_student = from_student
 
     def _initialize_teacher_adapter(self):
         if self._initialized:
             return
-        from peft import get_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         model = self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
         if self.teacher_adapter_name not in model.peft_config:
-            return super()._initialize_teacher_adapter()
+            super()._initialize_teacher_adapter()
+            if not self.from_student:
+                return
+            student = {key: value.detach().clone() for key, value in get_peft_model_state_dict(model).items()}
+            active = model.active_adapter
+            model.set_adapter(self.teacher_adapter_name)
+            set_peft_model_state_dict(model, student, adapter_name=self.teacher_adapter_name)
+            model.set_adapter(active)
         weights = get_peft_model_state_dict(model, adapter_name=self.teacher_adapter_name)
         self.shadow_weights = {key: value.detach().clone() for key, value in weights.items()}
         self._initialized = True
@@ -177,6 +200,27 @@ class HfExtSDFTTrainer(StageTrainerMixin, SDFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher_context_builder = TeacherContextBuilder(self)
+        self._warned_unscored = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._log_unscored_completions(inputs, "train" if model.training else "eval")
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _log_unscored_completions(self, inputs, mode: str) -> None:
+        """Completions no longer than `num_loss_tokens_to_skip` have no token in the loss: their share is logged as
+        `completions/unscored_ratio`, and a batch of only such completions (loss and gradient exactly zero: the model
+        answers in fewer tokens than are skipped) is warned about once."""
+        skip = self.args.num_loss_tokens_to_skip
+        unscored = (inputs["completion_mask"].sum(dim=1) <= skip).float()
+        ratio = self.accelerator.gather(unscored).mean().item()
+        self._metrics[mode]["completions/unscored_ratio"].append(ratio)
+        if ratio == 1.0 and not self._warned_unscored:
+            self._warned_unscored = True
+            logger.warning(
+                "sdft: at step %d every completion is at most num_loss_tokens_to_skip=%d tokens long, so the loss and "
+                "its gradient are zero; for answers this short lower num_loss_tokens_to_skip",
+                self.state.global_step, skip,
+            )
 
     def _setup_teacher_model(self) -> None:
         from accelerate.utils import is_peft_model
@@ -187,6 +231,7 @@ class HfExtSDFTTrainer(StageTrainerMixin, SDFTTrainer):
                 TeacherAdapterEMACallback(
                     model=self.model, teacher_adapter_name=TEACHER_ADAPTER, update_rate=self.args.teacher_update_rate,
                     sync_steps=self.args.teacher_sync_steps, accelerator=self.accelerator,
+                    from_student=self.args.teacher_adapter_init == "student",
                 )
             )
             self.teacher_model = self.model
