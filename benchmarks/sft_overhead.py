@@ -78,12 +78,15 @@ def build_trainer(kind: str, steps: int, batch_size: int, output_dir: str, quant
                           processing_class=tokenizer, peft_config=peft_config(model_args))
 
 
-def interleaved_step_times(build, repeats: int, steps: int, batch_size: int) -> dict[str, list[float]]:
-    """Median seconds per step of `build("hf_ext" | "trl", steps, batch_size, output_dir)` trainers, alternating
-    which goes first, a fresh model each run (the first step of a run is warm-up and excluded)."""
-    times: dict[str, list[float]] = {"hf_ext": [], "trl": []}
+def interleaved_step_times(
+    build, repeats: int, steps: int, batch_size: int, kinds: tuple[str, ...] = ("hf_ext", "trl")
+) -> dict[str, list[float]]:
+    """Median seconds per step of `build(kind, steps, batch_size, output_dir)` trainers for each of `kinds`,
+    alternating the order (reversed every other repeat), a fresh model each run (the first step of a run is
+    warm-up and excluded)."""
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for repeat in range(repeats):
-        for kind in ("hf_ext", "trl") if repeat % 2 == 0 else ("trl", "hf_ext"):
+        for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
             with tempfile.TemporaryDirectory() as output_dir:
                 trainer = build(kind, steps, batch_size, output_dir)
                 timer = StepTimer()
@@ -94,21 +97,27 @@ def interleaved_step_times(build, repeats: int, steps: int, batch_size: int) -> 
     return times
 
 
-def child_peak_rss(script: str, modes: tuple[str, ...], batch_size: int, rounds: int = 2) -> dict[str, list[float]]:
-    """Peak RSS (MB) of `script --rss_child MODE` child processes, alternating modes, `rounds` each."""
+def child_peak_rss(
+    script: str, modes: tuple[str, ...], batch_size: int, rounds: int = 2, extra: list[str] | None = None
+) -> dict[str, list[float]]:
+    """Peak RSS (MB) of `script --rss_child MODE [extra]` child processes, alternating modes, `rounds` each."""
     rss: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(rounds):
         for mode in modes:
             child = subprocess.run(
-                [sys.executable, script, "--rss_child", mode, "--steps", "3", "--batch_size", str(batch_size)],
+                [sys.executable, script, "--rss_child", mode, "--steps", "3", "--batch_size", str(batch_size), *(extra or [])],
                 capture_output=True, text=True, check=True,
             )
             rss[mode].append(json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_mb"])
     return rss
 
 
-def timing_summary(name: str, args, step_times: dict[str, list[float]], rss: dict[str, list[float]]) -> dict:
-    """The fields every overhead benchmark writes: setup, raw numbers, medians and the hf_ext/TRL time ratio."""
+def timing_summary(
+    name: str, args, step_times: dict[str, list[float]], rss: dict[str, list[float]],
+    ratio: tuple[str, str] = ("hf_ext", "trl"),
+) -> dict:
+    """The fields every overhead benchmark writes: setup, raw numbers, medians and the time ratio of the two kinds
+    named by `ratio` (`time_ratio_<a>_over_<b>`)."""
     import torch
 
     median = {k: statistics.median(v) for k, v in step_times.items()}
@@ -122,7 +131,7 @@ def timing_summary(name: str, args, step_times: dict[str, list[float]], rss: dic
         "repeats": args.repeats,
         "seconds_per_step": step_times,
         "median_seconds_per_step": median,
-        "time_ratio_hf_ext_over_trl": median["hf_ext"] / median["trl"],
+        f"time_ratio_{ratio[0]}_over_{ratio[1]}": median[ratio[0]] / median[ratio[1]],
         "peak_rss_mb": rss,
         "median_peak_rss_mb": {k: statistics.median(v) for k, v in rss.items()},
     }

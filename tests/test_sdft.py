@@ -287,11 +287,12 @@ def test_continual_recipes_chain_sft_then_sdft_with_the_task_a_adapter_as_first_
                      "--output_dir", str(task_a))
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_cli("hf-ext", "train", "recipes/continual/task_b_sdft.yaml", *small, "--task_train_size", "2",
-                     "--model_name_or_path", str(task_a), "--output_dir", str(task_b))
+                     "--warmup_steps", "0", "--model_name_or_path", str(task_a), "--output_dir", str(task_b))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((task_b / "metrics.json").read_text())
     assert (metrics["stage"], metrics["global_step"], metrics["task"]) == ("sdft", 1, "sorting")
-    adapter_a = load_file(task_a / "adapter_model.safetensors")
+    # TRL's SFT keeps QLoRA adapters in bf16 (the QLoRA paper's choice); the SDFT stage trains them in fp32.
+    adapter_a = {key: value.float() for key, value in load_file(task_a / "adapter_model.safetensors").items()}
     student = load_file(task_b / "adapter_model.safetensors")
     teacher = load_file(task_b / TEACHER_ADAPTER / "adapter_model.safetensors")
     assert adapter_a.keys() == student.keys() == teacher.keys()
