@@ -11,8 +11,14 @@ After every stage (and for the base model) it measures task-A accuracy (retentio
 perplexity on the `python_docs` validation documents (general text). The paper's claim: SDFT learns B about as
 well as SFT and forgets A (and general ability) less.
 
+Two controls, for seed 0 (`--control_seeds`):
+- the teacher's signal: the task-A model's task-B accuracy with the teacher's prompt (the demonstration included),
+  greedy, for each SDFT template: can the teacher copy the answer it is shown?
+- task B by SDFT (short answers) from a fresh adapter on the base model: does SDFT learn B without task A's
+  number-only habit?
+
 Every run and evaluation is kept under --output_dir and skipped when complete, so an interrupted experiment
-resumes. Writes benchmarks/results/continual_learning.json and .png and prints the table for the docs.
+resumes (delete the folder after changing a recipe: runs are matched by folder name). Writes benchmarks/results/continual_learning.json and .png and prints the table for the docs.
 
     python benchmarks/continual_learning.py [--seeds 0,1,2] [--output_dir outputs/continual]
 """
@@ -87,6 +93,67 @@ def evaluate(reference: str, seed: int, args) -> dict:
     return result
 
 
+def teacher_accuracy(reference: str, seed: int, args) -> dict:
+    """Task-B exact match of `reference` prompted as SDFT's teacher is (each SDFT recipe's template filled with the
+    question and its solved example, as a user turn), greedy: the ceiling of the teacher's signal."""
+    import yaml
+
+    from hf_ext.data.formats import FORMATS
+    from hf_ext.data.tasks import TASKS
+    from hf_ext.generation import generate
+    from hf_ext.loading import ModelArguments, load_model, load_tokenizer, release_memory
+    from hf_ext.trainers.sdft import HfExtSDFTConfig, encode_prompts, teacher_prompt
+
+    tokenizer = load_tokenizer(reference)
+    model = load_model(ModelArguments(model_name_or_path=reference, load_in_4bit=True, dtype="float32"))
+    task = TASKS[TASK_B]
+    rows = task.splits(recipe_setting("task_b_sft", "task_train_size"), recipe_setting("task_b_sft", "task_eval_size"), seed)
+    rows = rows["test"].select(range(min(args.num_examples, len(rows["test"]))))
+    result = {"model": reference}
+    for recipe in ("task_b_sdft", "task_b_sdft_short_answers"):
+        template = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text()).get(
+            "teacher_prompt_template", HfExtSDFTConfig.teacher_prompt_template)
+        prompts = [teacher_prompt(template, [{"role": "user", "content": p}], c)
+                   for p, c in zip(rows["prompt"], rows["completion"])]
+        texts = generate(model, tokenizer, encode_prompts(tokenizer, prompts), batch_size=50,
+                         max_new_tokens=recipe_setting("task_b_sft", "eval_max_new_tokens"), desc=f"teacher {recipe}")
+        responses = [FORMATS["messages"].extract_response(samples[0]) for samples in texts]
+        correct = [task.verify(r, a) for r, a in zip(responses, rows["answer"])]
+        result[recipe] = {"accuracy": sum(correct) / len(correct), "num_examples": len(correct),
+                          "samples": responses[:5]}
+    del model
+    release_memory()
+    return result
+
+
+def cached(path: Path, compute) -> dict:
+    """`compute()` written to `path` as JSON, or what `path` already holds."""
+    if not path.is_file():
+        start = time.time()
+        result = compute()
+        result["seconds"] = round(time.time() - start, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    return json.loads(path.read_text())
+
+
+def run_controls(seed: int, args) -> dict:
+    root = Path(args.output_dir) / f"seed{seed}"
+    steps = ["--max_steps", str(args.max_steps_b)] if args.max_steps_b else []
+    fresh = root / "control_task_b_sdft_short_answers_from_base"
+    training = train("task_b_sdft_short_answers", fresh, seed,
+                     ["--model_name_or_path", BASE, "--lora_dropout", "0.0", *steps])
+    return {
+        "seed": seed,
+        "teacher_accuracy_of_task_a_model": cached(root / "evaluation" / "control_teacher.json",
+                                                   lambda: teacher_accuracy(str(root / "task_a_sft"), seed, args)),
+        "sdft_short_answers_from_base": {
+            "evaluation": cached(root / "evaluation" / f"{fresh.name}.json", lambda: evaluate(str(fresh), seed, args)),
+            "train_runtime_seconds": training["train_runtime_seconds"],
+        },
+    }
+
+
 def run_seed(seed: int, args) -> dict:
     root = Path(args.output_dir) / f"seed{seed}"
     steps = ["--max_steps", str(args.max_steps_b)] if args.max_steps_b else []
@@ -94,16 +161,11 @@ def run_seed(seed: int, args) -> dict:
                                    ["--max_steps", str(args.max_steps_a)] if args.max_steps_a else [])}
     for recipe in STAGE_B:
         trained[recipe] = train(recipe, root / recipe, seed, ["--model_name_or_path", str(root / "task_a_sft"), *steps])
-    evaluations = {}
-    for name in MODELS:
-        path = root / "evaluation" / f"{name}.json"
-        if not path.is_file():
-            start = time.time()
-            result = evaluate(BASE if name == "base" else str(root / name), seed, args)
-            result["seconds"] = round(time.time() - start, 1)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=1))
-        evaluations[name] = json.loads(path.read_text())
+    evaluations = {
+        name: cached(root / "evaluation" / f"{name}.json",
+                     lambda name=name: evaluate(BASE if name == "base" else str(root / name), seed, args))
+        for name in MODELS
+    }
     training = {name: {"global_step": m["global_step"], "train_runtime_seconds": m["train_runtime_seconds"],
                        "train_loss": m["train_loss"]} for name, m in trained.items()}
     return {"seed": seed, "evaluations": evaluations, "training": training}
@@ -197,12 +259,14 @@ def main() -> None:
     parser.add_argument("--perplexity_tokens", type=int, default=16384, help="python_docs validation tokens scored")
     parser.add_argument("--max_steps_a", type=int, default=None, help="override (a smoke run); default: the recipe's")
     parser.add_argument("--max_steps_b", type=int, default=None, help="override (a smoke run); default: the recipes'")
+    parser.add_argument("--control_seeds", default="0", help="seeds of the two controls (empty: none)")
     parser.add_argument("--results", default=str(RESULTS), help="JSON to write (the PNG goes next to it)")
     args = parser.parse_args()
 
     import hf_ext  # noqa: F401  (the logging setup and the architectures)
 
     seeds = [run_seed(int(seed), args) for seed in args.seeds.split(",")]
+    controls = [run_controls(int(seed), args) for seed in args.control_seeds.split(",") if seed]
     summary = summarize(seeds)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -212,11 +276,20 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "recipes": {name: f"recipes/continual/{name}.yaml" for name in MODELS[1:]},
         "seeds": seeds,
+        "controls": controls,
         **summary,
     }
     results.write_text(json.dumps(record, indent=1))
     plot(summary, results.with_suffix(".png"))
     print(markdown(summary, len(seeds)))
+    for control in controls:
+        teacher = control["teacher_accuracy_of_task_a_model"]
+        fresh = control["sdft_short_answers_from_base"]["evaluation"]
+        print(f"\ncontrols, seed {control['seed']}: task-A model as teacher (demonstration in its prompt), task B "
+              f"accuracy: paper template {teacher['task_b_sdft']['accuracy']:.3f}, short-answer template "
+              f"{teacher['task_b_sdft_short_answers']['accuracy']:.3f}; SDFT (short answers) on B from the base "
+              f"model: task B {fresh['task_b']['accuracy']:.3f} (mean reward {fresh['task_b']['mean_reward']:.3f}), "
+              f"task A {fresh['task_a']['accuracy']:.3f}, perplexity {fresh['python_docs']['perplexity']:.2f}")
 
 
 if __name__ == "__main__":

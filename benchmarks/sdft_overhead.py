@@ -7,7 +7,7 @@ with their solved examples, batch 8, seed 0:
   forward KL over the full vocabulary, 3 tokens skipped), the demonstration in the teacher's prompt;
 - `trl_sdft`: plain `trl.experimental.sdft.SDFTTrainer` with the same settings (the reference for hf_ext's own
   overhead: its teacher prompts and teacher-adapter start).
-An SDFT step samples `--completion_tokens` tokens, then runs the student (with gradient) and the teacher (without)
+An SDFT step samples exactly `--completion_tokens` tokens per prompt, then runs the student (with gradient) and the teacher (without)
 over them. The trainers alternate in one process, `--repeats` times each with a fresh model; seconds per optimizer
 step are medians (first step excluded). Peak RSS: one child process per measurement, alternating.
 Writes `benchmarks/results/sdft_overhead.json` and prints the Markdown table for `benchmarks/README.md`.
@@ -34,13 +34,17 @@ GENERATION_SECONDS: dict[str, list[float]] = {"sdft": [], "trl_sdft": []}  # per
 
 
 def time_generation(trainer, kind: str):
-    """`trainer` with its sampling (`_generate`, once per optimizer step here) timed into GENERATION_SECONDS."""
+    """`trainer` with its sampling (`_generate`, once per optimizer step here) timed into GENERATION_SECONDS, the
+    first call of a run (warm-up, as the first step) excluded."""
     generate = trainer._generate
+    calls = []
 
     def timed(prompt_ids):
         start = time.perf_counter()
         result = generate(prompt_ids)
-        GENERATION_SECONDS[kind].append(time.perf_counter() - start)
+        calls.append(time.perf_counter() - start)
+        if len(calls) > 1:
+            GENERATION_SECONDS[kind].append(calls[-1])
         return result
 
     trainer._generate = timed
@@ -70,7 +74,9 @@ def build_trainer(kind: str, steps: int, batch_size: int, output_dir: str):
         return sft.HfExtSFTTrainer(model=model, args=sft.HfExtSFTConfig(activation_checkpointing=False, **common),
                                    train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config(model_args))
     dataset = sdft.task_rows(rows, "messages")
-    method = dict(max_completion_length=COMPLETION_TOKENS, activation_checkpointing=False)
+    # Every sample exactly COMPLETION_TOKENS long, so the cost does not depend on where the model stops.
+    method = dict(max_completion_length=COMPLETION_TOKENS, generation_kwargs={"min_new_tokens": COMPLETION_TOKENS},
+                  activation_checkpointing=False)
     if kind == "sdft":
         trainer = sdft.HfExtSDFTTrainer(model=model, args=sdft.HfExtSDFTConfig(**method, **common),
                                         train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config(model_args))

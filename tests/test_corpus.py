@@ -198,3 +198,7 @@ def test_text_perplexity_is_the_mean_block_loss_over_held_out_documents(validati
     assert result["mean_loss"] == pytest.approx(sum(losses) / 4, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(sum(losses) / 4), rel=1e-5)
     assert model.training  # eval mode only inside the call
+    short = text_perplexity(model, smollm2_tokenizer, validation_texts[:1], block_size=64, max_tokens=10**6)
+    assert short["num_tokens"] % 63 == 0 and short["num_tokens"] > 0  # fewer tokens than max_tokens: whole blocks
+    with pytest.raises(ValueError, match="fewer than block_size=64 tokens"):
+        text_perplexity(model, smollm2_tokenizer, ["Hi."], block_size=64)

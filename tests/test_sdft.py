@@ -138,18 +138,25 @@ def test_first_completion_tokens_are_left_out_of_the_loss(tokenizer, tmp_path):
 
 
 def test_completions_within_the_skipped_tokens_are_reported(tokenizer, tmp_path, caplog):
-    """Completions of at most `num_loss_tokens_to_skip` tokens carry no loss: the share is logged, and a batch of only
-    such completions (zero loss, zero gradient) is warned about once."""
+    """Completions of at most `num_loss_tokens_to_skip` tokens carry no loss: their share of each optimizer step's
+    completions is logged, and a step of only such completions (zero loss, zero gradient) is warned about once."""
     import logging
 
-    args = sdft_args(tmp_path, max_completion_length=2, generation_kwargs={"min_new_tokens": 2}, logging_steps=1)
+    args = sdft_args(tmp_path, max_completion_length=3, generation_kwargs={"min_new_tokens": 3}, logging_steps=1)
     trainer = trainer_for(tiny_model("llama", tokenizer), tokenizer, args, peft=LORA_TARGETS["llama"])
     with caplog.at_level(logging.WARNING, logger="hf_ext"):
         trainer.train()
     logged = [entry for entry in trainer.state.log_history if "completions/unscored_ratio" in entry]
-    assert [entry["completions/unscored_ratio"] for entry in logged] == [1.0, 1.0]
+    assert [entry["completions/unscored_ratio"] for entry in logged] == [1.0, 1.0]  # 3 tokens, 3 skipped
     assert all(entry["loss"] == 0.0 for entry in logged)
-    assert caplog.text.count("every completion is at most num_loss_tokens_to_skip=3 tokens long") == 1
+    assert caplog.text.count("in optimizer step 1 every completion is at most num_loss_tokens_to_skip=3 tokens") == 1
+
+    lengths = [2, 3, 4, 6]  # a mixed step: the first two have no scored token
+    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
+    batch = {"completion_ids": torch.where(mask.bool(), 5, tokenizer.pad_token_id), "completion_mask": mask,
+             "raw_completion_lengths": torch.tensor(lengths)}
+    trainer._record_completion_metrics("train", batch)
+    assert trainer._metrics["train"]["completions/unscored_ratio"][-1] == 0.5
 
 
 def test_teacher_prompts_keep_the_question_past_the_student_limit(tokenizer, tmp_path):
@@ -210,6 +217,9 @@ def test_a_continued_adapter_is_its_own_first_teacher(tokenizer, tmp_path):
     trained = {key: value.detach().clone() for key, value in get_peft_model_state_dict(model).items()}
     trainer = trainer_for(model, tokenizer, sdft_args(tmp_path, max_steps=1))
     trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    for name, parameter in trainer.model.named_parameters():  # only the student adapter trains
+        if "lora_" in name:
+            assert parameter.requires_grad == (f".{TEACHER_ADAPTER}." not in name), name
     teacher = get_peft_model_state_dict(trainer.model, adapter_name=TEACHER_ADAPTER)
     for key, value in trained.items():
         torch.testing.assert_close(teacher[key], value, atol=0, rtol=0)

@@ -24,7 +24,8 @@ def text_perplexity(
         ids.append(tokenizer.eos_token_id)
         if len(ids) >= max_tokens:
             break
-    ids = ids[: max_tokens - max_tokens % block_size]
+    ids = ids[:max_tokens]
+    ids = ids[: len(ids) - len(ids) % block_size]  # whole blocks only
     if not ids:
         raise ValueError(f"text_perplexity: fewer than block_size={block_size} tokens in {len(texts)} texts")
     blocks = torch.tensor(ids).view(-1, block_size)

@@ -13,10 +13,11 @@ TRL 1.16 falls short (specs/sdft.md, S1-S6):
 - S5: the defaults below;
 - S6: a `teacher` adapter that already exists (a resumed run's, restored by transformers) is reused, not reset;
 - S2: the LoRA EMA teacher adapter starts as a copy of the student's adapter (the paper's teacher starts as the
-  model being trained), not at zero, which is the base model: for a fresh adapter both are the base model, but a
-  run that continues an adapter (task B after task A) would otherwise distil from a teacher without task A. A and
-  B are still averaged separately (EMA(B)·EMA(A)); from the student's A this equals EMA(B·A) to first order in the
-  rate. `teacher_adapter_init: zero` is TRL's behaviour;
+  model being trained), not at zero. Zero is the base model: a run that continues an adapter (task B after task A)
+  would distil from a teacher without task A, and even a fresh adapter's teacher would hold only w² of the
+  student's ΔW after n steps (w = 1-(1-rate)^n) where a full-weight EMA holds w. From the copy it holds w, up to
+  -w(1-w)·dB·dA, the product of the two factors' drifts since the start; A and B are still averaged separately.
+  `teacher_adapter_init: zero` is TRL's behaviour;
 - S3 (importance-sampling correction only matters with vLLM) is documented, not changed.
 """
 
@@ -105,6 +106,8 @@ class HfExtSDFTConfig(StageConfigMixin, SDFTConfig):
         for placeholder in ("{prompt}", "{privileged_context}"):
             if placeholder not in self.teacher_prompt_template:
                 raise UserInputError(f"teacher_prompt_template: must contain {placeholder}, got {self.teacher_prompt_template!r}")
+        if self.teacher_adapter_init not in ("student", "zero"):
+            raise UserInputError(f"teacher_adapter_init: must be student or zero, got {self.teacher_adapter_init!r}")
         if self.generate_from_teacher:  # TRL encodes those prompts with the student's limit, cutting the question (S4)
             raise UserInputError("generate_from_teacher: not supported by stage sdft (sampling is from the student, as in the paper)")
         if self.max_prompt_length is not None and self.max_teacher_prompt_length < self.max_prompt_length:
@@ -202,24 +205,22 @@ class HfExtSDFTTrainer(StageTrainerMixin, SDFTTrainer):
         self.teacher_context_builder = TeacherContextBuilder(self)
         self._warned_unscored = False
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._log_unscored_completions(inputs, "train" if model.training else "eval")
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
-    def _log_unscored_completions(self, inputs, mode: str) -> None:
-        """Completions no longer than `num_loss_tokens_to_skip` have no token in the loss: their share is logged as
-        `completions/unscored_ratio`, and a batch of only such completions (loss and gradient exactly zero: the model
-        answers in fewer tokens than are skipped) is warned about once."""
+    def _record_completion_metrics(self, mode: str, batch) -> None:
+        """TRL's completion metrics, plus `completions/unscored_ratio`: the share of the generation batch (every
+        completion of an optimizer step) no longer than `num_loss_tokens_to_skip`, which have no token in the loss.
+        When it is 1 in training, the step's loss and gradient are exactly zero (the model answers in fewer tokens
+        than are skipped); that is warned about once."""
+        super()._record_completion_metrics(mode, batch)
         skip = self.args.num_loss_tokens_to_skip
-        unscored = (inputs["completion_mask"].sum(dim=1) <= skip).float()
+        unscored = (batch["completion_mask"].sum(dim=1) <= skip).float()
         ratio = self.accelerator.gather(unscored).mean().item()
         self._metrics[mode]["completions/unscored_ratio"].append(ratio)
-        if ratio == 1.0 and not self._warned_unscored:
+        if mode == "train" and ratio == 1.0 and not self._warned_unscored:
             self._warned_unscored = True
             logger.warning(
-                "sdft: at step %d every completion is at most num_loss_tokens_to_skip=%d tokens long, so the loss and "
-                "its gradient are zero; for answers this short lower num_loss_tokens_to_skip",
-                self.state.global_step, skip,
+                "sdft: in optimizer step %d every completion is at most num_loss_tokens_to_skip=%d tokens long, so "
+                "the loss and its gradient are zero; for answers this short lower num_loss_tokens_to_skip",
+                self.state.global_step + 1, skip,
             )
 
     def _setup_teacher_model(self) -> None:
