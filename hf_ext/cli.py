@@ -78,7 +78,7 @@ def train_help(recipe_path: str | None) -> str:
     if recipe_path is None:
         lines = [TRAIN_USAGE, "", "Runs one recipe (a YAML file whose key `stage` names the trainer). Stages:"]
         for name in STAGES:
-            lines.append(f"  {name:<10} {type(get_stage(name)).__doc__.strip().splitlines()[0]}")
+            lines.append(f"  {name:<12} {type(get_stage(name)).__doc__.strip().splitlines()[0]}")
         lines += ["", "hf-ext train RECIPE.yaml --help lists every key of the recipe's stage (type, default, help)."]
         return "\n".join(lines)
     stage = read_yaml_mapping(recipe_path).get("stage")

@@ -7,6 +7,7 @@
 | `arc_training.json` | after ARC training | which tasks' pairs (and test outputs) the model was trained on |
 | `loss_curve.png` | after training | the train (and eval) loss per logged step |
 | `README.md` | after training | the model card |
+| `archive.json`, `best_state.json`, `discovery.json`, `reward_curve.png` | ttt_discover, every step (and in each checkpoint) | the state archive, the best verified state with its lineage, the per-step search record, its plot |
 | `metrics.json` | last | every number of the run; its presence marks a finished run |
 
 Every file is written atomically (a staging file, then `os.replace`), so a reader, or a run killed mid-write, never
@@ -32,6 +33,10 @@ LOSS_CURVE_FILE = "loss_curve.png"
 CARD_FILE = "README.md"
 TRAINING_ARGS_FILE = "training_args.json"
 TRAINING_RECORD_FILE = "arc_training.json"
+ARCHIVE_FILE = "archive.json"
+BEST_STATE_FILE = "best_state.json"
+DISCOVERY_FILE = "discovery.json"
+REWARD_CURVE_FILE = "reward_curve.png"
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -144,6 +149,42 @@ class RunFolder:
         (self.path / "training_args.bin").unlink(missing_ok=True)  # transformers' pickle: never kept
         return write_text_atomic(self.file(TRAINING_ARGS_FILE), json_text)
 
+    # the search of a ttt_discover run
+    def write_discovery(self, archive: dict, best_state: dict, history: list[dict]) -> None:
+        """The archive, the best state and the per-step record; `discovery.json` last (a reader of it finds the
+        other two of the same step or a later one)."""
+        write_json_atomic(self.file(ARCHIVE_FILE), archive, indent=1)
+        write_json_atomic(self.file(BEST_STATE_FILE), best_state)
+        write_json_atomic(self.file(DISCOVERY_FILE), {"steps": history}, indent=1)
+
+    def read_discovery(self) -> tuple[dict | None, list[dict]]:
+        """(archive, per-step record) of a folder a ttt_discover run wrote, or (None, []) when there is none."""
+        if not self.file(ARCHIVE_FILE).is_file():
+            return None, []
+        history = json.loads(self.file(DISCOVERY_FILE).read_text())["steps"] if self.file(DISCOVERY_FILE).is_file() else []
+        return json.loads(self.file(ARCHIVE_FILE).read_text()), history
+
+    def plot_reward_curve(self, history: list[dict], title: str) -> Path:
+        """`reward_curve.png`: per step, the best value found so far and the batch's mean and best reward."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h["step"] for h in history]
+        figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
+        marker = "." if len(steps) < 40 else None
+        axis.plot(steps, [h["best_value"] for h in history], label="best value so far", marker=marker)
+        axis.plot(steps, [h["reward_max"] for h in history], label="best reward in the batch", marker=marker, alpha=0.7)
+        axis.plot(steps, [h["reward_mean"] for h in history], label="mean reward in the batch", marker=marker, alpha=0.7)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("value / reward")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+        figure.tight_layout()
+        return self._save_figure(figure, REWARD_CURVE_FILE)
+
     # card and plot
     def write_card(self, card) -> Path:
         """Save a `huggingface_hub.ModelCard` as the folder's README.md."""
@@ -177,7 +218,12 @@ class RunFolder:
         axis.grid(alpha=0.3)
         axis.legend()
         figure.tight_layout()
-        path = self.file(LOSS_CURVE_FILE)
+        return self._save_figure(figure, LOSS_CURVE_FILE)
+
+    def _save_figure(self, figure, name: str) -> Path:
+        import matplotlib.pyplot as plt
+
+        path = self.file(name)
         staging = path.with_name(f"staging{os.getpid()}.{path.name}")  # matplotlib picks the format by suffix
         figure.savefig(staging)
         plt.close(figure)

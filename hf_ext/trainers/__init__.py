@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "mlm": "hf_ext.trainers.mlm:MLMStage",
     "arc": "hf_ext.trainers.arc:ArcStage",
     "sdft": "hf_ext.trainers.sdft:SDFTStage",
+    "ttt_discover": "hf_ext.trainers.ttt_discover:TTTDiscoverStage",
 }
 
 
