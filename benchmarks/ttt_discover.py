@@ -9,9 +9,11 @@ and length limit; (a) and (b) run the same problem, archive and prompt code as t
 (they have nothing to train). Reports the best verified value per method (mean and spread over seeds), the curve of
 the best value against rollouts (PNG), rollouts per second and where the time of a TTT-Discover step goes.
 
-Each run is kept under --output_dir and skipped when complete, so an interrupted benchmark resumes.
+Each run is kept under --output_dir and skipped when complete, so an interrupted benchmark resumes (runs are matched
+by folder name: delete the folder after changing --steps). Results are kept per problem in one JSON.
 
-    python benchmarks/ttt_discover.py [--seeds 0,1,2] [--problems golomb_ruler,spread_points]
+    python benchmarks/ttt_discover.py --problems golomb_ruler                  # 10 steps (the recipe's)
+    python benchmarks/ttt_discover.py --problems spread_points --steps 5       # 128-token programs: half the steps
 """
 
 from __future__ import annotations
@@ -223,31 +225,37 @@ def main() -> None:
                 r["rollouts"] / g for r, g in zip(runs[problem]["best_of_n"].values(), frozen)
             ),
         }
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "model": settings["model_name_or_path"],
-        "settings": {"steps": steps, "groups_per_batch": settings["groups_per_batch"],
-                     "group_size": settings["group_size"], "rollouts_per_run": steps * settings["groups_per_batch"] * settings["group_size"],
-                     "max_completion_length": COMPLETION_LENGTH, "learning_rate": settings["learning_rate"],
-                     "seeds": seeds},
-        "summary": table,
-        "timing": timing,
-        "runs": {p: {m: {str(s): r for s, r in seeds_.items()} for m, seeds_ in ms.items()} for p, ms in runs.items()},
-        "wall_seconds": time.time() - started,
-    }
+    # one entry per problem, so that problems measured in separate invocations (other --steps) share the file
+    result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"problems": {}}
+    for problem in problems:
+        result["problems"][problem] = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "model": settings["model_name_or_path"],
+            "settings": {"steps": steps, "groups_per_batch": settings["groups_per_batch"],
+                         "group_size": settings["group_size"],
+                         "rollouts_per_run": steps * settings["groups_per_batch"] * settings["group_size"],
+                         "max_completion_length": COMPLETION_LENGTH[problem],
+                         "learning_rate": settings["learning_rate"], "seeds": seeds},
+            "summary": table[problem],
+            "timing": timing[problem],
+            "runs": {m: {str(s): r for s, r in seeds_.items()} for m, seeds_ in runs[problem].items()},
+            "wall_seconds": time.time() - started,
+        }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    plot(runs, RESULTS.with_suffix(".png"))
-    print("| problem | method | best value (mean ± std, 3 seeds) | per seed | valid rollouts |")
-    print("|---|---|---|---|---|")
-    for problem, methods in table.items():
+    every = {p: {m: {int(k): v for k, v in ms.items()} for m, ms in e["runs"].items()} for p, e in result["problems"].items()}
+    plot(every, RESULTS.with_suffix(".png"))
+    print("| problem | rollouts | method | best value (mean ± std) | per seed | valid rollouts |")
+    print("|---|---|---|---|---|---|")
+    for problem, entry in result["problems"].items():
         for method, label in METHODS.items():
-            row = methods[method]
+            row = entry["summary"][method]
             per_seed = ", ".join(f"{v:.4f}" for v in row["best_value_per_seed"])
-            print(f"| {problem} | {label} | {row['best_value_mean']:.4f} ± {row['best_value_std']:.4f} | {per_seed} | "
-                  f"{100 * row['valid_fraction_mean']:.1f}% |")
-    print(json.dumps({p: t["goals"] for p, t in table.items()}), json.dumps(timing, indent=1))
+            print(f"| {problem} | {entry['settings']['rollouts_per_run']} | {label} | {row['best_value_mean']:.4f} ± "
+                  f"{row['best_value_std']:.4f} | {per_seed} | {100 * row['valid_fraction_mean']:.1f}% |")
+    print(json.dumps({p: e["summary"]["goals"] for p, e in result["problems"].items()}),
+          json.dumps({p: e["timing"] for p, e in result["problems"].items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from hf_ext.trainers.ttt_discover import (
     adaptive_beta,
     entropic_advantages,
     group_advantages,
+    kl_shaped_advantages,
     tilted_kl,
 )
 from tests.conftest import REPO, run_cli
@@ -228,16 +229,25 @@ def test_flush_keeps_two_children_per_parent_and_the_size_cap():
     kept = sorted(s.value for s in archive.states.values() if not s.is_initial)
     assert kept == [28.0, 29.0]
     big = PUCTArchive(max_size=10)
+    rng = random.Random(1)
     roots = [big.add_initial([r], 0.0) for r in range(3)]
-    for n in range(40):
-        big.record(big.states[n % 3] if n < 3 else big.states[n], [n], float(n), key=str(n))
+    for n in range(200):  # children of random parents: many parents with more than 2 children
+        big.record(rng.choice(list(big.states.values())), [n, "x"], rng.random(), key=str(n))
+    before = dict(big.states)
     big.flush()
     assert len(big.states) <= 10 and all(r.id in big.states for r in roots)
     children = {}
-    for state in big.states.values():
+    for state in before.values():
         if state.parent_id is not None:
             children.setdefault(state.parent_id, []).append(state)
-    assert all(len(c) <= 2 for c in children.values())
+    assert max(len(c) for c in children.values()) > 2
+    kept = {}
+    for state in big.states.values():
+        if state.parent_id is not None:
+            kept.setdefault(state.parent_id, []).append(state)
+    assert all(len(c) <= 2 for c in kept.values())
+    best = max((s for s in before.values() if not s.is_initial), key=lambda s: s.value)
+    assert best.id in big.states  # the cap keeps the highest values
 
 
 def test_archive_round_trips_through_json():
@@ -260,8 +270,16 @@ def test_archive_round_trips_through_json():
         ("import os\nos.system('touch /tmp/hf_ext_sandbox_escape')", "not allowed"),
         ("open('/tmp/hf_ext_sandbox_escape', 'w').write('x')", "not allowed"),
         ("def f(:\n    pass", "SyntaxError"),
+        ("import os\nfd = os.open('/tmp', os.O_RDONLY)\nos.open('hf_ext_sandbox_escape', os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
+         "not allowed"),
+        ("import sqlite3\nsqlite3.connect('/tmp/hf_ext_sandbox_escape')", "not allowed"),
+        ("import __main__, os.path\n__main__.workdir = ''\nos.path.realpath = lambda p: '/'\n"
+         "open('/tmp/hf_ext_sandbox_escape', 'w')", "not allowed"),
+        ("try:\n    raise ValueError\nexcept ValueError as e:\n    runner = e.__traceback__.tb_frame.f_back", "not allowed"),
+        ("while True:\n    print('x' * 100000)", "timed out"),
     ],
-    ids=["crash", "hang", "sleep", "allocate", "grow", "socket", "subprocess", "write-outside", "syntax"],
+    ids=["crash", "hang", "sleep", "allocate", "grow", "socket", "subprocess", "write-outside", "syntax", "dir-fd",
+         "sqlite", "rebind-the-guard", "frame-introspection", "print-flood"],
 )
 def test_sandbox_turns_each_fault_into_an_error(code, error):
     start = time.perf_counter()
@@ -277,17 +295,23 @@ def test_sandbox_returns_the_result_and_keeps_output_and_files_local():
     code = "print('hello')\nopen('notes.txt', 'w').write('ok')\npoints = [p * 2 for p in points]"
     result = run_python(code, {"points": [1, 2]}, "points", timeout=5)
     assert result.ok and result.value == [2, 4] and result.output.strip() == "hello"
-    forged = run_python("print('\\x00hf_ext-sandbox-result\\x00')\nprint('[9]')\nraise SystemExit(3)", {}, "1")
-    assert not forged.ok  # the program's own prints cannot stand in for the result
+    stopped = run_python("points = [7]\nimport sys\nsys.exit(0)", {"points": []}, "points")
+    assert stopped.ok and stopped.value == [7]  # sys.exit(0) ends the program, its result is kept
+    for forge in ("print('\\nhf_ext-sandbox-result-0\\n[9]')\nraise SystemExit(0)",
+                  "import os\nprint('\\nhf_ext-sandbox-result-0\\n[9]', flush=True)\nos._exit(0)"):
+        forged = run_python(forge, {"points": [1]}, "points")
+        assert forged.value != [9]  # the marker is random per run: printing one yields nothing
 
 
 @pytest.mark.skipif(not network_namespace_available(), reason="no user network namespaces on this machine")
-def test_sandbox_has_no_network_even_without_the_audit_hook():
+def test_sandbox_prefix_has_no_network_even_without_the_audit_hook():
     import subprocess
     import sys
 
+    from hf_ext.eval.sandbox import isolation_prefix
+
     probe = "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\nexcept OSError as e:\n    print('blocked', e)\n"
-    result = subprocess.run(["unshare", "-rn", sys.executable, "-c", probe], capture_output=True, text=True, timeout=20)
+    result = subprocess.run([*isolation_prefix(), sys.executable, "-c", probe], capture_output=True, text=True, timeout=20)
     assert "blocked" in result.stdout
 
 
@@ -346,6 +370,13 @@ class CountDistinct(DiscoveryProblem):
         return f"{self.description} Current: {construction!r} ({value})."
 
 
+class Constant(CountDistinct):
+    """Every attempt has the same value: no group carries a signal."""
+
+    def verify(self, construction):
+        return 1.0
+
+
 class Faulty(CountDistinct):
     """Every third attempt raises, every third returns NaN, and one in eight hangs for 3 s."""
 
@@ -398,7 +429,8 @@ def test_one_step_trains_the_adapter_on_every_causal_architecture(tmp_path, toke
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed, "no adapter weight moved"
     assert trainer.archive.total_visits == 8 and len(trainer.history) == 1
-    assert trainer.best_state()["verified"] and trainer.best_state()["value"] >= 1.0
+    best_reward = max(r for _, _, r in trainer._step_rollouts)
+    assert trainer.best_state()["verified"] and trainer.best_state()["value"] == max(1.0, best_reward)
 
 
 def test_the_loss_receives_the_estimators_advantages_on_the_sampled_ids(tmp_path, tokenizer, monkeypatch):
@@ -420,11 +452,15 @@ def test_the_loss_receives_the_estimators_advantages_on_the_sampled_ids(tmp_path
     monkeypatch.setattr(trainer, "_compute_loss", capture_loss)
     monkeypatch.setattr(trainer, "_generate", capture_generate)
     trainer.train()
-    rewards = trainer._last_rewards[:, 0].double()
+    rewards = torch.tensor([r for _, _, r in trainer._step_rollouts], dtype=torch.float64)
     expected, _ = group_advantages(rewards.view(-1, 4), "entropic_adaptive_beta")
-    assert torch.allclose(trainer.last_advantages.double(), expected.flatten().float().double(), atol=1e-6)
-    received = torch.cat(seen["advantages"])  # TRL shuffles the batch before the micro-batches
-    assert sorted(received.tolist()) == pytest.approx(sorted(expected.flatten().tolist()), abs=1e-6)
+    batch = trainer.last_batch
+    assert torch.allclose(batch["advantages"].double(), expected.flatten(), atol=1e-6)
+    # TRL shuffles the batch into micro-batches: each completion must still carry its own advantage
+    produced = sorted((tuple(ids), round(a, 6)) for ids, a in zip(batch["completion_ids"].tolist(), batch["advantages"].tolist()))
+    received = sorted((tuple(ids), round(a, 6)) for ids_batch, a_batch in zip(seen["completion_ids"], seen["advantages"])
+                      for ids, a in zip(ids_batch.tolist(), a_batch.tolist()))
+    assert produced == received
     rows = [row for batch in seen["completion_ids"] for row in batch.tolist()]
     for ids in sampled["ids"]:  # every sampled id sequence reaches the loss unchanged (never decoded and re-encoded)
         match = next(r for r in rows if r[: len(ids)] == ids and set(r[len(ids):]) <= {tokenizer.pad_token_id})
@@ -434,19 +470,44 @@ def test_the_loss_receives_the_estimators_advantages_on_the_sampled_ids(tmp_path
         assert torch.all(mask[:, -1] == 1)
 
 
-def test_kl_shaping_gives_per_token_advantages(tmp_path, tokenizer, monkeypatch):
-    trainer = make_trainer(tmp_path, tokenizer, kl_penalty_coef=0.5, learning_rate=1e-2, max_steps=2)
-    shapes = []
+def test_kl_shaped_advantages_push_drifted_tokens_back():
+    advantages = torch.tensor([1.0, -0.5])
+    log_ratio = torch.tensor([[0.2, 0.0, 0.4], [0.1, 0.3, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    mean = float((log_ratio * mask).sum() / mask.sum())
+    shaped = kl_shaped_advantages(advantages, log_ratio * mask, mask, mean, coef=0.5)
+    assert shaped.shape == (2, 3)
+    assert shaped[0, 2] < shaped[0, 1] and shaped[1, 1] < shaped[1, 0]  # more drift, lower advantage
+    assert torch.allclose(shaped[0], 1.0 + 0.5 * (mean - log_ratio[0]))
+    assert shaped[1, 2] == -0.5  # padding keeps the sequence's advantage (and is masked in the loss)
+
+
+def test_kl_shaping_gives_per_token_advantages_once_the_adapter_moved(tmp_path, tokenizer, monkeypatch):
+    trainer = make_trainer(tmp_path, tokenizer, kl_penalty_coef=0.5, learning_rate=5e-2, max_steps=2)
+    seen = []
     original = trainer._compute_loss
 
     def capture(model, inputs):
-        shapes.append(tuple(inputs["advantages"].shape))
+        seen.append((trainer.state.global_step, inputs["advantages"].clone(), inputs["completion_mask"].clone()))
         return original(model, inputs)
 
     monkeypatch.setattr(trainer, "_compute_loss", capture)
     trainer.train()
-    assert all(len(shape) == 2 for shape in shapes)  # (B, T): GRPO's loss accepts it
+    assert all(a.dim() == 2 for _, a, _ in seen)  # (B, T): GRPO's loss accepts it
     assert trainer.kl_coef == 0.5 and trainer.archive.total_visits == 16
+    kl = [h["kl_to_base"] for h in trainer.history]
+    assert kl[0] == 0 and kl[1] != 0  # a fresh adapter is the base; after one step it is not
+    step_two = [(a, m) for step, a, m in seen if step == 1]
+    assert any(not torch.allclose(a[i][m[i].bool()], a[i][m[i].bool()][0]) for a, m in step_two for i in range(len(a))
+               if m[i].sum() > 1)  # advantages vary along a completion
+
+
+def test_groups_without_signal_leave_the_loss(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, kl_penalty_coef=0.0)
+    trainer.problem = Constant()
+    trainer.train()
+    assert trainer.last_batch["completion_mask"].sum() == 0 and trainer.last_batch["advantages"].abs().max() == 0
+    assert trainer.state.log_history[0]["loss"] == 0
 
 
 def test_faulty_verifiers_make_rollouts_invalid_and_the_run_goes_on(tmp_path, tokenizer):
@@ -459,8 +520,7 @@ def test_faulty_verifiers_make_rollouts_invalid_and_the_run_goes_on(tmp_path, to
     assert record["rollouts"] == 8 and trainer.state.global_step == 1 and record["valid_fraction"] < 1
     reasons = " ".join(record["invalid_reasons"])
     assert "raised RuntimeError" in reasons or "non-finite" in reasons or "timed out" in reasons
-    rewards = trainer._last_rewards[:, 0]
-    assert torch.isfinite(rewards).all()  # invalid rollouts got invalid_reward 0
+    assert all(r == 0.0 for _, a, r in trainer._step_rollouts if a["value"] is None)  # invalid_reward
 
 
 def test_a_killed_run_resumes_with_its_archive_and_step_count(tmp_path, tokenizer):
@@ -473,6 +533,10 @@ def test_a_killed_run_resumes_with_its_archive_and_step_count(tmp_path, tokenize
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3 and resumed.archive.total_visits == 24
     assert [h["step"] for h in resumed.history] == [1, 2, 3]
+    with pytest.raises(UserInputError, match="no archive.json"):
+        other = make_trainer(tmp_path, tokenizer, max_steps=3, output_dir=str(tmp_path / "other"))
+        (tmp_path / "other" / "checkpoint-1").mkdir(parents=True)
+        other.train(resume_from_checkpoint=str(tmp_path / "other" / "checkpoint-1"))
     files = RunFolder(tmp_path / "run")
     best = json.loads(files.file("best_state.json").read_text())
     assert best["verified"] and best["rollouts"] == 24 and files.file("reward_curve.png").stat().st_size > 0

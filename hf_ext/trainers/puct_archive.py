@@ -186,10 +186,13 @@ class PUCTArchive:
         self.keys = {k: i for k, i in self.keys.items() if i in self.states}
 
     # persistence
+    def settings(self) -> dict:
+        return {"c": self.c, "topk_children": self.topk_children, "max_size": self.max_size,
+                "propagate_max_to_ancestors": self.propagate_max_to_ancestors, "sampler": self.sampler}
+
     def to_dict(self) -> dict:
         return {
-            "settings": {"c": self.c, "topk_children": self.topk_children, "max_size": self.max_size,
-                         "propagate_max_to_ancestors": self.propagate_max_to_ancestors, "sampler": self.sampler},
+            "settings": self.settings(),
             "total_visits": self.total_visits,
             "next_id": self.next_id,
             "states": [
@@ -202,8 +205,9 @@ class PUCTArchive:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> PUCTArchive:
-        archive = cls(**data["settings"])
+    def from_dict(cls, data: dict, **settings) -> PUCTArchive:
+        """The archive `to_dict` wrote; `settings` (the constructor's keys) replace the saved ones."""
+        archive = cls(**{**data["settings"], **settings})
         for record in data["states"]:
             record = dict(record)
             visits, best_child = record.pop("visits"), record.pop("best_child_value")

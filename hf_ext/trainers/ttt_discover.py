@@ -16,7 +16,7 @@ What TRL does unchanged: sampling from left-padded prompt ids with `generate`, l
 token ids (never decoded and re-encoded), the loss (`dr_grpo`: a constant normaliser, as the official token sum; with
 one iteration per batch the importance ratio is 1, so clipping is inert). Overridden hooks, and only these:
 `_generate_and_score_completions` (prompts from the archive, then the advantages and the archive update),
-`_calculate_rewards` (keeps the gathered rewards), `_generate` (timing), `_save_checkpoint` and `train` (the archive
+`_generate` (timing), `_save_checkpoint` and `train` (the archive
 in every checkpoint and back on resume). specs/ttt_discover.md has the formulas and where paper and code differ.
 """
 
@@ -27,13 +27,13 @@ import logging
 import math
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 from datasets import Dataset, DatasetDict
+from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
 from hf_ext.errors import UserInputError
@@ -82,8 +82,8 @@ def adaptive_beta(rewards: torch.Tensor, budget: float = math.log(2)) -> float:
 def entropic_advantages(rewards: torch.Tensor, beta: float) -> torch.Tensor:
     """A_i = e_i / mean_{j != i} e_j - 1 with e_i = exp(beta (r_i - max r)), for one group, in float64.
 
-    The leave-one-out sum is a masked sum, never `sum(e) - e_i`: in float32 that difference cancels (beta 2, rewards
-    [10, 12, 100, 11] gives A ~ 1e12 in the official form)."""
+    The leave-one-out sum is a masked sum, never `sum(e) - e_i`: in float32 that difference cancels. With beta 1 and
+    rewards [0, 0, 20.7] the best rollout's true A is ~1e9; the official form gets 0 / 0 + 1e-12, i.e. 1e12."""
     r = rewards.double()
     k = r.numel()
     e = torch.exp(beta * (r - r.max()))
@@ -260,6 +260,37 @@ class HfExtTTTDiscoverConfig(StageConfigMixin, GRPOConfig):
         )
 
 
+def run_attempts(function, jobs: list, workers: int, budget_per_round: float) -> list[Attempt]:
+    """`function(job)` for every job on `workers` daemon threads. An in-process verifier cannot be interrupted: a job
+    still running when the batch's budget (`budget_per_round` per round of workers, plus 1 s) is spent is an invalid
+    attempt, and its thread, a daemon, neither blocks the run nor its exit."""
+    import queue
+    import threading
+
+    results: list[Attempt | None] = [None] * len(jobs)
+    pending: queue.Queue = queue.Queue()
+    for index in range(len(jobs)):
+        pending.put(index)
+
+    def work() -> None:
+        while True:
+            try:
+                index = pending.get_nowait()
+            except queue.Empty:
+                return
+            results[index] = function(jobs[index])
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(workers, len(jobs))))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + budget_per_round * math.ceil(len(jobs) / len(threads)) + 1
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    while not pending.empty():  # jobs no thread reached in time
+        pending.get_nowait()
+    return [r if r is not None else Attempt(error="the verifier timed out") for r in results]
+
+
 def initial_archive(problem: DiscoveryProblem, archive: PUCTArchive, groups: int) -> PUCTArchive:
     """`archive` holding `groups` independent initial states (the problem's constructions, each repeated evenly)."""
     constructions = problem.initial_constructions()
@@ -297,6 +328,7 @@ class StepRecord:
     beta_mean: float
     advantage_min: float
     advantage_max: float
+    kl_to_base: float | None = None  # mean log pi - log pi_base over the batch's completion tokens (KL shaping on)
     invalid_reasons: dict = field(default_factory=dict)  # the most common errors of this step's invalid rollouts
     seconds: dict = field(default_factory=dict)
 
@@ -314,10 +346,11 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         self._parents: dict[int, State] = {}  # this process's parents of the current step
         self._step_parents: dict[int, State] = {}  # every process's
         self._rollouts: list[tuple[int, dict]] = []
-        self._last_rewards: torch.Tensor | None = None
         self._generation_seconds = 0.0
         self._verification_seconds = 0.0
-        self.last_advantages: torch.Tensor | None = None  # what the loss receives, (local rollouts,) or (B, T)
+        self.last_batch: dict | None = None  # this process's last rollouts as the loss receives them (before shuffling)
+        self._step_rollouts: list = []
+        self._kl_to_base: float | None = None
         if train_dataset is None:
             train_dataset = Dataset.from_dict({"prompt": ["(rendered from the archive)"] * args.groups_per_batch})
 
@@ -370,21 +403,20 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
                 return Attempt(code=result.code, output=result.output, error="the verifier returned a non-finite value")
             return result
 
-        workers = max(1, self.args.verifier_workers)
-        # an in-process verifier cannot be interrupted: past its share of the time budget its rollout is invalid
-        budget = 2 * self.limits.timeout * math.ceil(len(jobs) / workers) + 1
-        pool = ThreadPoolExecutor(max_workers=workers)
-        futures = [pool.submit(attempt, job) for job in jobs]
-        wait(futures, timeout=budget)
-        attempts = [f.result() if f.done() else Attempt(error="the verifier timed out") for f in futures]
-        pool.shutdown(wait=False, cancel_futures=True)
-        self._rollouts = [(i, asdict(a)) for i, a in zip(state_ids, attempts, strict=True)]
+        attempts = run_attempts(attempt, jobs, self.args.verifier_workers, budget_per_round=2 * self.limits.timeout)
+        rewards = [self.problem.reward(a.value) if a.valid else self.args.invalid_reward for a in attempts]
+        self._rollouts = [(i, asdict(a), r) for i, a, r in zip(state_ids, attempts, rewards, strict=True)]
         self._verification_seconds += time.perf_counter() - start
-        return [self.problem.reward(a.value) if a.valid else self.args.invalid_reward for a in attempts]
+        return rewards
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        self._last_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        return self._last_rewards
+    def _key(self, attempt: dict) -> str | None:
+        """The attempt's deduplication key; a problem whose `key` fails keeps the state without one."""
+        try:
+            return self.problem.key(attempt["construction"])
+        except Exception as error:
+            logger.warning("ttt_discover: %s.key failed (%s); the state is kept without deduplication",
+                           type(self.problem).__name__, error)
+            return None
 
     def _generate(self, prompts: list):
         start = time.perf_counter()
@@ -396,6 +428,7 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         start = time.perf_counter()
         self._generation_seconds = self._verification_seconds = 0.0
+        self._kl_to_base = None
         k = self.num_generations
         groups_here = len(inputs) // k
         parents = self._select_parents(groups_here * self.accelerator.num_processes)
@@ -405,22 +438,26 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         rows = [{"prompt": self.render(p), "state_id": p.id} for p in mine for _ in range(k)]
         output = super()._generate_and_score_completions(rows)
 
-        rewards = self._last_rewards[:, 0].double().cpu()  # every process's rollouts, in process order
+        # every process's rollouts, in process order; rewards in float64 (TRL's reward matrix is float32, which
+        # would turn close values such as 0.51762 and 0.51763 into ties)
+        self._step_rollouts = gather_object(self._rollouts) if self.accelerator.num_processes > 1 else self._rollouts
+        weight = float(self.reward_weights[0])
+        rewards = torch.tensor([math.nan if r is None else weight * r for _, _, r in self._step_rollouts], dtype=torch.float64)
         advantages, betas = group_advantages(
             rewards.view(-1, k), self.args.advantage_estimator, self.args.entropic_beta, self.args.kl_budget
         )
         local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
         device = output["completion_ids"].device
         local_advantages = advantages.flatten()[local].to(device=device, dtype=torch.float32)
-        if self.args.drop_constant_groups:
-            grouped = torch.nan_to_num(rewards.view(-1, k), nan=-math.inf)
-            constant = (grouped.max(dim=1).values == grouped.min(dim=1).values).repeat_interleave(k)[local]
+        if self.args.drop_constant_groups:  # groups without a signal (equal rewards, too few valid ones): A == 0
+            constant = (advantages.view(-1, k) == 0).all(dim=1).repeat_interleave(k)[local]
             output["completion_mask"] = output["completion_mask"] * (~constant).to(device).unsqueeze(1).int()
             output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
         if self.kl_coef > 0:
             local_advantages = self._kl_shaped(output, local_advantages)
         output["advantages"] = local_advantages
-        self.last_advantages = local_advantages.detach().clone()
+        self.last_batch = {"completion_ids": output["completion_ids"].clone(), "advantages": local_advantages.clone(),
+                           "completion_mask": output["completion_mask"].clone()}
         for _ in range(rewards.numel()):  # GRPO logged its own group-normalised advantages for the completions table
             self._logs["advantages"].pop()
         self._logs["advantages"].extend(advantages.flatten().tolist())
@@ -446,20 +483,19 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         batch_mean = (totals[0] / totals[1].clamp(min=1.0)).item()
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["ttt/kl_to_base"].append(batch_mean)
+        self._kl_to_base = batch_mean
         return kl_shaped_advantages(advantages, log_ratio, mask, batch_mean, self.kl_coef)
 
     def _update_archive(self, rewards: torch.Tensor, advantages: torch.Tensor, betas: torch.Tensor, seconds: float):
         """Every process's rollouts into the archive (main process), flushed; metrics and the per-step files."""
-        from accelerate.utils import gather_object
-
-        rollouts = gather_object(self._rollouts) if self.accelerator.num_processes > 1 else self._rollouts
+        rollouts = self._step_rollouts
         step = self.state.global_step + 1
         mode = "train" if self.model.training else "eval"
-        valid = sum(1 for _, attempt in rollouts if attempt["value"] is not None)
+        valid = sum(1 for _, attempt, _ in rollouts if attempt["value"] is not None)
         if self.accelerator.is_main_process:
-            for state_id, attempt in rollouts:
+            for state_id, attempt, _ in rollouts:
                 parent = self._step_parents[state_id]
-                key = self.problem.key(attempt["construction"]) if attempt["value"] is not None else None
+                key = self._key(attempt) if attempt["value"] is not None else None
                 self.archive.record(
                     parent, attempt["construction"], attempt["value"], key=key, code=attempt["code"],
                     output=attempt["output"], step=step,
@@ -473,8 +509,8 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
             best_value=self.archive.best.value if self.archive.best is not None else float("nan"),
             archive_size=len(self.archive.states),
             beta_mean=float(betas[~torch.isnan(betas)].mean()) if (~torch.isnan(betas)).any() else float("nan"),
-            advantage_min=float(advantages.min()), advantage_max=float(advantages.max()),
-            invalid_reasons=dict(Counter(a["error"][:80] for _, a in rollouts if a["value"] is None).most_common(5)),
+            advantage_min=float(advantages.min()), advantage_max=float(advantages.max()), kl_to_base=self._kl_to_base,
+            invalid_reasons=dict(Counter(a["error"][:80] for _, a, _ in rollouts if a["value"] is None).most_common(5)),
             seconds={"generation": self._generation_seconds, "verification": self._verification_seconds,
                      "rollouts_total": seconds},
         )
@@ -510,16 +546,18 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         }
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        """The search's files go into the checkpoint folder first, before transformers writes the trainer state that
+        makes it a checkpoint: a run killed in between never leaves a checkpoint without its archive."""
         if self.is_world_process_zero():
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             checkpoint = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            if checkpoint.is_dir():
-                self.write_search(checkpoint)
+            self.write_search(checkpoint)
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """TRL's `train`, with the archive and the search history read back from the checkpoint resumed from."""
+        """TRL's `train`, with the archive and the search record read back from the checkpoint resumed from (the
+        archive's settings are the recipe's, its states, visits and best state the checkpoint's)."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             from transformers.trainer_utils import get_last_checkpoint
@@ -527,11 +565,15 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if checkpoint:
             archive, history = RunFolder(checkpoint).read_discovery()
-            if archive is not None:
-                self.archive = PUCTArchive.from_dict(archive)
-                self.history = history
-                logger.info("ttt_discover: resumed the archive (%d states, %d rollouts) from %s",
-                            len(self.archive.states), self.archive.total_visits, checkpoint)
+            if archive is None:
+                raise UserInputError(
+                    f"resume_from_checkpoint: {checkpoint} has no archive.json (not a ttt_discover checkpoint); "
+                    "resume from another checkpoint or start a new run"
+                )
+            self.archive = PUCTArchive.from_dict(archive, **self.args.new_archive().settings())
+            self.history = history
+            logger.info("ttt_discover: resumed the archive (%d states, %d rollouts) from %s",
+                        len(self.archive.states), self.archive.total_visits, checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
@@ -545,6 +587,15 @@ class TTTDiscoverStage(Stage):
     card_template = "ttt_discover.md"
     loss_label = "policy-gradient loss"
     built_in_data = True
+
+    def load_model(self, recipe, tokenizer):
+        args = recipe.training_args
+        if args.kl_penalty_coef and not recipe.model_args.use_peft:  # checked before the model loads
+            raise UserInputError(
+                "kl_penalty_coef: KL shaping needs the base model, i.e. a LoRA adapter (use_peft: true); "
+                "set kl_penalty_coef: 0 to train the full model"
+            )
+        return super().load_model(recipe, tokenizer)
 
     def build_datasets(self, script_args, training_args: HfExtTTTDiscoverConfig, tokenizer) -> DatasetDict:
         """One placeholder row per group: the prompts come from the archive at every step."""
