@@ -345,11 +345,11 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         self.history: list[dict] = []
         self._parents: dict[int, State] = {}  # this process's parents of the current step
         self._step_parents: dict[int, State] = {}  # every process's
-        self._rollouts: list[tuple[int, dict]] = []
+        self._rollouts: list[tuple[int, dict, float | None]] = []  # (parent id, attempt, reward) of this process
         self._generation_seconds = 0.0
         self._verification_seconds = 0.0
         self.last_batch: dict | None = None  # this process's last rollouts as the loss receives them (before shuffling)
-        self._step_rollouts: list = []
+        self._step_rollouts: list[tuple[int, dict, float | None]] = []  # every process's, in process order
         self._kl_to_base: float | None = None
         if train_dataset is None:
             train_dataset = Dataset.from_dict({"prompt": ["(rendered from the archive)"] * args.groups_per_batch})
@@ -387,9 +387,9 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
     # rewards
     def _verify(self, completions, state_ids) -> list[float | None]:
         """The reward of each completion (the problem's verifier; `invalid_reward` when there is no valid
-        construction), keeping every attempt for the archive. A verifier that raises, returns NaN or is still running when
-        the batch's time budget (twice the sandbox timeout per round of workers) is spent makes that rollout invalid;
-        the run goes on."""
+        construction), keeping every attempt for the archive. A verifier that raises, returns NaN or is still running
+        when the batch's time budget (twice the sandbox timeout per round of workers) is spent makes that rollout
+        invalid; the run goes on."""
         start = time.perf_counter()
         jobs = [(completion_text(c), self._parents[i]) for c, i in zip(completions, state_ids, strict=True)]
 
@@ -403,8 +403,18 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
                 return Attempt(code=result.code, output=result.output, error="the verifier returned a non-finite value")
             return result
 
+        def reward(attempt: Attempt) -> float | None:
+            if attempt.valid:
+                try:
+                    value = float(self.problem.reward(attempt.value))
+                    if math.isfinite(value):
+                        return value
+                except Exception:  # noqa: BLE001 - a user's reward function fails this rollout only
+                    pass
+            return self.args.invalid_reward
+
         attempts = run_attempts(attempt, jobs, self.args.verifier_workers, budget_per_round=2 * self.limits.timeout)
-        rewards = [self.problem.reward(a.value) if a.valid else self.args.invalid_reward for a in attempts]
+        rewards = [reward(a) for a in attempts]
         self._rollouts = [(i, asdict(a), r) for i, a, r in zip(state_ids, attempts, rewards, strict=True)]
         self._verification_seconds += time.perf_counter() - start
         return rewards
