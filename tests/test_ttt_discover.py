@@ -38,6 +38,7 @@ from hf_ext.trainers.ttt_discover import (
     tilted_kl,
 )
 from tests.conftest import REPO, run_cli
+from tests.test_sdft import LORA_TARGETS, TINY  # the same tiny architectures as the SDFT tests
 
 LN2 = math.log(2)
 
@@ -394,15 +395,6 @@ class Faulty(CountDistinct):
 
 
 # the trainer
-TINY = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "mhc_lm": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, hc_mult=2),
-    "mamba_ssm": dict(hidden_size=32, num_hidden_layers=2, state_size=8, head_dim=8, n_groups=1, chunk_size=8),
-}
-LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "mhc_lm": ["q_proj", "v_proj"], "mamba_ssm": ["in_proj", "out_proj"]}
-
-
 def tiny_model(model_type: str, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 
