@@ -12,8 +12,8 @@ the best value against rollouts (PNG), rollouts per second and where the time of
 Each run is kept under --output_dir and skipped when complete, so an interrupted benchmark resumes (runs are matched
 by folder name: delete the folder after changing --steps). Results are kept per problem in one JSON.
 
-    python benchmarks/ttt_discover.py --problems golomb_ruler                  # 10 steps (the recipe's)
-    python benchmarks/ttt_discover.py --problems spread_points --steps 5       # 128-token programs: half the steps
+    python benchmarks/ttt_discover.py --problems golomb_ruler         # 10 steps (the recipe's), about 45 minutes here
+    python benchmarks/ttt_discover.py --problems spread_points        # 10 steps, longer prompts: about 75 minutes
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "ttt_discover.yaml"
 RESULTS = Path(__file__).parent / "results" / "ttt_discover.json"
 METHODS = {"best_of_n": "(a) Best-of-N, frozen", "puct_frozen": "(b) PUCT search, frozen", "ttt_discover": "(c) TTT-Discover"}
-COMPLETION_LENGTH = {"golomb_ruler": 64, "spread_points": 128}
+COMPLETION_LENGTH = {"golomb_ruler": 64, "spread_points": 64}
 
 
 def recipe_settings() -> dict:
@@ -73,7 +73,7 @@ def run_frozen(model, tokenizer, problem_name: str, sampler: str, seed: int, fol
     from hf_ext.eval.discovery import SandboxLimits, get_problem
     from hf_ext.run_folder import write_json_atomic
     from hf_ext.trainers.puct_archive import PUCTArchive
-    from hf_ext.trainers.ttt_discover import initial_archive, state_prompt
+    from hf_ext.trainers.ttt_discover import initial_archive, model_prompt
 
     result_file = folder / "result.json"
     if result_file.is_file():
@@ -88,10 +88,13 @@ def run_frozen(model, tokenizer, problem_name: str, sampler: str, seed: int, fol
     tokenizer.padding_side = "left"
     for step in range(1, steps + 1):
         parents = archive.select(groups)
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": state_prompt(problem, p)}],
-                                                 add_generation_prompt=True, tokenize=False) for p in parents]
-        batch = tokenizer([p for p in prompts for _ in range(k)], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
+        prompts = [model_prompt(problem, p, tokenizer) for p in parents]  # the trainer's prompts, tokenized as TRL does
+        if isinstance(prompts[0], list):
+            prompts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+            batch = tokenizer([p for p in prompts for _ in range(k)], return_tensors="pt", padding=True,
+                              add_special_tokens=False)
+        else:
+            batch = tokenizer([p for p in prompts for _ in range(k)], return_tensors="pt", padding=True)
         start = time.perf_counter()
         with torch.no_grad():
             output = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
@@ -101,7 +104,7 @@ def run_frozen(model, tokenizer, problem_name: str, sampler: str, seed: int, fol
         start = time.perf_counter()
         for index, text in enumerate(texts):
             parent = parents[index // k]
-            attempt = problem.attempt(text, parent.construction, parent.code, limits)
+            attempt = problem.attempt(problem.answer_prefix + text, parent.construction, parent.code, limits)
             valid += attempt.valid
             key = problem.key(attempt.construction) if attempt.valid else None
             archive.record(parent, attempt.construction, attempt.value if attempt.valid else None, key=key,

@@ -23,7 +23,7 @@ from hf_ext.eval.discovery import (
     SpreadPoints,
     get_problem,
     last_integer_list,
-    last_python_block,
+    python_blocks,
 )
 from hf_ext.eval.sandbox import network_namespace_available, run_python
 from hf_ext.run_folder import RunFolder
@@ -35,6 +35,7 @@ from hf_ext.trainers.ttt_discover import (
     entropic_advantages,
     group_advantages,
     kl_shaped_advantages,
+    state_prompt,
     tilted_kl,
 )
 from tests.conftest import REPO, run_cli
@@ -330,16 +331,23 @@ def test_golomb_ruler_keeps_the_marks_that_repeat_no_difference():
 
 def test_spread_points_runs_the_program_from_the_parent_points():
     problem = SpreadPoints(count=4)
-    start = problem.initial_constructions()[0]
-    assert problem.verify(start) == pytest.approx(0.5)
-    completion = "Moving one point:\n```python\npoints[3] = (1.0, 1.0)\npoints[0] = (0.0, 0.0)\npoints[1] = (1.0, 0.0)\npoints[2] = (0.0, 1.0)\n```"
+    start = [[0.5, 0.5], [0.6, 0.5], [1.0, 0.0], [0.0, 1.0]]
+    assert problem.verify(start) == pytest.approx(0.1)
+    prompt = problem.render_prompt(start, 0.1, None, problem.initial_code(start), "")
+    assert "points = [(0.5, 0.5), (0.6, 0.5), (1, 0), (0, 1)]" in prompt and "points[0] and points[1]" in prompt
+    completion = problem.answer_prefix + "0] = (0.0, 0.0)\npoints[1] = (1.0, 1.0)\n```\nMore:\n```python\npoints = []\n```"
     attempt = problem.attempt(completion, start, problem.initial_code(start), SandboxLimits(timeout=5))
-    assert attempt.valid and attempt.value == pytest.approx(1.0) and attempt.construction == [[0, 0], [1, 0], [0, 1], [1, 1]]
+    assert attempt.valid and attempt.value == pytest.approx(1.0)  # the first block: the one the prefix opens
+    assert attempt.construction == [[0, 0], [1, 1], [1, 0], [0, 1]] and attempt.code.startswith("points[0] = ")
     outside = problem.attempt("```python\npoints[0] = (2.0, 0.0)\n```", start, None, SandboxLimits(timeout=5))
     assert not outside.valid and "unit square" in outside.error
     hanging = problem.attempt("```python\nwhile True: pass\n```", start, None, SandboxLimits(timeout=1))
     assert not hanging.valid and "timed out" in hanging.error
-    assert last_python_block("```python\nx = 1\n```\ntext\n```python\ny = 2") == "y = 2"  # an unclosed last block
+    cut = problem.attempt("```python\npoints[0] = (0.0, 0.0)\nprint(f'moved {points[0", start, None, SandboxLimits(timeout=5))
+    assert cut.valid and cut.code == "points[0] = (0.0, 0.0)"  # cut by the length limit: the complete lines run
+    assert python_blocks("```python\nx = 1\n```\ntext\n```python\ny = 2\nz = (") == ["x = 1", "y = 2"]
+    first = SpreadPoints().initial_constructions()[0]
+    assert SpreadPoints().verify(first) == pytest.approx(0.0825, abs=1e-4)
 
 
 def test_a_users_problem_is_one_class_named_module_colon_class():
@@ -369,6 +377,17 @@ class CountDistinct(DiscoveryProblem):
 
     def render_prompt(self, construction, value, parent_value, code, output):
         return f"{self.description} Current: {construction!r} ({value})."
+
+
+class Prefixed(CountDistinct):
+    """Every answer starts with a fixed prefix; the attempts it sees are recorded."""
+
+    answer_prefix = "Answer: <"
+    seen: list[str] = []
+
+    def attempt(self, completion, parent_construction, parent_code, limits):
+        Prefixed.seen.append(completion)
+        return super().attempt(completion, parent_construction, parent_code, limits)
 
 
 class Constant(CountDistinct):
@@ -407,7 +426,7 @@ def tiny_model(model_type: str, tokenizer):
 
 
 def make_trainer(tmp_path, tokenizer, model_type="llama", **overrides):
-    args = _config(tmp_path, problem="tests.test_ttt_discover:CountDistinct", **overrides)
+    args = _config(tmp_path, **{"problem": "tests.test_ttt_discover:CountDistinct", **overrides})
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[model_type], task_type="CAUSAL_LM")
     return HfExtTTTDiscoverTrainer(model=tiny_model(model_type, tokenizer), args=args, processing_class=tokenizer,
                                    peft_config=lora)
@@ -500,6 +519,21 @@ def test_groups_without_signal_leave_the_loss(tmp_path, tokenizer):
     trainer.train()
     assert trainer.last_batch["completion_mask"].sum() == 0 and trainer.last_batch["advantages"].abs().max() == 0
     assert trainer.state.log_history[0]["loss"] == 0
+
+
+def test_an_answer_prefix_ends_the_prompt_and_starts_every_attempt(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, problem="tests.test_ttt_discover:Prefixed")
+    start = trainer.archive.best
+    prompt = trainer.render(start)
+    assert isinstance(prompt, str) and prompt.endswith("<|im_start|>assistant\nAnswer: <")
+    assert prompt.count("<|im_start|>user") == 1 and "Write many different characters." in prompt
+    prompt_ids = tokenizer(prompt)["input_ids"]  # TRL tokenizes a text prompt with the tokenizer's special tokens
+    assert prompt_ids == tokenizer.apply_chat_template(
+        [{"role": "user", "content": state_prompt(trainer.problem, start)}], add_generation_prompt=True,
+        tokenize=True, return_dict=True)["input_ids"] + tokenizer("Answer: <", add_special_tokens=False)["input_ids"]
+    Prefixed.seen.clear()
+    trainer.train()
+    assert len(Prefixed.seen) == 8 and all(text.startswith("Answer: <") for text in Prefixed.seen)
 
 
 def test_faulty_verifiers_make_rollouts_invalid_and_the_run_goes_on(tmp_path, tokenizer):

@@ -9,9 +9,11 @@ Built-in problems (`PROBLEMS`):
 - `golomb_ruler`: the model writes a list of integers; the marks that keep all pairwise differences distinct (in the
   order written) form a Golomb ruler; value = number of marks - length / (max_length + 1): more marks first, then a
   shorter ruler. The best known ruler with all marks in [0, 100] has 12 marks (length 85).
-- `spread_points`: the model writes Python (run in `hf_ext.eval.sandbox`) that sets `points`, 8 points in the unit
+- `spread_points`: the model writes Python (run in `hf_ext.eval.sandbox`) that changes `points`, 8 points in the unit
   square, starting from the parent state's `points`, injected as a global; value = the smallest pairwise distance.
-  The best known value for 8 points is 0.5176 (Schaer and Meir, 1965).
+  The prompt shows the placement and its closest pair and asks for a change (`points[i] = (x, y)` lines are enough,
+  which a 135M model can write; any program works). The start is a random placement (0.082); the best known value
+  for 8 points is 0.5176 (Schaer and Meir, 1965).
 
 A user's own problem: subclass `DiscoveryProblem` and name it in the recipe as `problem: my_module:MyProblem`.
 """
@@ -22,6 +24,7 @@ import importlib
 import itertools
 import json
 import math
+import random
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -59,6 +62,10 @@ class DiscoveryProblem(ABC):
     name: str
     description: str
     runs_code: bool = False  # completions are Python programs run in the sandbox
+    # The start of every answer: the prompt ends with it (after the chat template's generation prompt), the model
+    # continues it, and `attempt` receives it followed by the completion. A small model that rambles or writes
+    # functions it never calls is steered into the answer's format this way.
+    answer_prefix: str = ""
 
     @abstractmethod
     def initial_constructions(self) -> list[Any]:
@@ -147,20 +154,25 @@ class GolombRuler(DiscoveryProblem):
 class SpreadPoints(DiscoveryProblem):
     name = "spread_points"
     runs_code = True
+    answer_prefix = "```python\npoints["
     description = (
         "Place {count} points in the unit square [0, 1] x [0, 1] so that the smallest distance between two of them is "
         "as large as possible."
     )
 
-    def __init__(self, count: int = 8):
+    def __init__(self, count: int = 8, seed: int = 3):
         self.count = count
+        self.seed = seed
 
     def initial_constructions(self) -> list[Any]:
-        columns = math.ceil(self.count / 2)  # a 2-row grid of spacing 1/columns: a poor start with room to improve
-        return [[[i % columns / columns, i // columns / columns] for i in range(self.count)]]
+        # A random placement, rounded to 2 decimals: poor (for 8 points and seed 3 the smallest distance is 0.082,
+        # between points 0 and 1, and the next ones are 0.130 and 0.150), so that moving one point can help.
+        generator = random.Random(self.seed)
+        return [[[round(generator.uniform(0.05, 0.95), 2), round(generator.uniform(0.05, 0.95), 2)]
+                 for _ in range(self.count)]]
 
     def initial_code(self, construction) -> str:
-        return "points = [" + ", ".join(f"({x:g}, {y:g})" for x, y in construction) + "]"
+        return "points = " + format_points(construction)
 
     def verify(self, construction: Any) -> float | None:
         if not isinstance(construction, list) or len(construction) != self.count:
@@ -179,9 +191,10 @@ class SpreadPoints(DiscoveryProblem):
     def attempt(self, completion, parent_construction, parent_code, limits) -> Attempt:
         from hf_ext.eval.sandbox import run_python
 
-        code = last_python_block(completion)
-        if code is None:
+        blocks = python_blocks(completion)  # the first: the one the answer prefix opens
+        if not blocks:
             return Attempt(error="no ```python block in the answer")
+        code = blocks[0]
         result = run_python(
             code, {"points": parent_construction}, result_expression="[list(p) for p in points]",
             timeout=limits.timeout, memory_mb=limits.memory_mb,
@@ -194,16 +207,25 @@ class SpreadPoints(DiscoveryProblem):
         return Attempt(construction=result.value, value=value, code=code, output=result.output)
 
     def render_prompt(self, construction, value, parent_value, code, output) -> str:
-        change = f"{value:.4f}" if parent_value is None else f"{parent_value:.4f} -> {value:.4f}"
-        shown_output = f"\nIts output (last 500 characters):\n{output[-500:]}" if output.strip() else ""
+        # The program of a state is the change that made it from its parent; the prompt shows the placement itself
+        # (the program's starting `points`), the closest pair (what limits the value) and that change.
+        first, second = min(itertools.combinations(range(len(construction)), 2),
+                            key=lambda pair: math.dist(construction[pair[0]], construction[pair[1]]))
+        change = "" if parent_value is None else f", its parent's {parent_value:.4f}"
+        last_change = f"\nThe last change was:\n```python\n{code}\n```" if parent_value is not None and code else ""
+        shown_output = f"\nIts output (last 300 characters):\n{output[-300:]}" if output.strip() else ""
         return (
             self.description.format(count=self.count)
-            + f"\nThis program set the current placement; smallest distance {change}:\n```python\n{code}\n```"
-            + shown_output
-            + f"\nWhen your program starts, `points` already holds the current placement (a list of {self.count} "
-            "(x, y) pairs). Write a Python program that sets `points` to a placement with a larger smallest distance, "
-            "trying something meaningfully different. Answer with one ```python block."
+            + f"\nCurrent points, smallest distance {value:.4f}{change}:\npoints = {format_points(construction)}"
+            + f"\nThe closest pair is points[{first}] and points[{second}].{last_change}{shown_output}"
+            + "\nWrite Python that changes `points` (it starts as above) so that the smallest distance grows, "
+            f"for example:\n```python\npoints[{second}] = (0.9, 0.1)\n```\nAnswer with one ```python block."
         )
+
+
+def format_points(points: list) -> str:
+    """`[(x, y), ...]` with coordinates rounded to 4 decimals, as a prompt shows a placement."""
+    return "[" + ", ".join(f"({round(x, 4):g}, {round(y, 4):g})" for x, y in points) + "]"
 
 
 _INTEGER_LIST = re.compile(r"\[\s*-?\d+(?:\s*,\s*-?\d+)*\s*,?\s*\]")
@@ -216,11 +238,27 @@ def last_integer_list(text: str) -> list[int] | None:
     return [int(n) for n in re.findall(r"-?\d+", found[-1])] if found else None
 
 
-def last_python_block(text: str) -> str | None:
-    """The last fenced Python block of `text` (an unclosed last block, cut by the length limit, counts too)."""
-    blocks = [block.strip("\n") for block in _PYTHON_BLOCK.findall(text)]
-    blocks = [block for block in blocks if block.strip()]
-    return blocks[-1] if blocks else None
+def python_blocks(text: str) -> list[str]:
+    """The fenced Python blocks of `text`, in order. An unclosed last block (cut by the length limit) counts too, up
+    to its last line that ends a statement, so that a program cut in the middle of a line runs what it had written."""
+    matches = [m for m in _PYTHON_BLOCK.finditer(text) if m.group(1).strip()]
+    blocks = [m.group(1).strip("\n") for m in matches]
+    if matches and not matches[-1].group(0).endswith("```"):
+        blocks[-1] = longest_compiling_prefix(blocks[-1]) or blocks[-1]
+    return blocks
+
+
+def longest_compiling_prefix(code: str) -> str | None:
+    """The longest run of whole first lines of `code` that compiles (None if no line does)."""
+    lines = code.split("\n")
+    for end in range(len(lines), 0, -1):
+        candidate = "\n".join(lines[:end])
+        try:
+            compile(candidate, "<answer>", "exec")
+        except (SyntaxError, ValueError):
+            continue
+        return candidate if candidate.strip() else None
+    return None
 
 
 PROBLEMS: dict[str, type[DiscoveryProblem]] = {"golomb_ruler": GolombRuler, "spread_points": SpreadPoints}

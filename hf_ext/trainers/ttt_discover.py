@@ -307,6 +307,23 @@ def state_prompt(problem: DiscoveryProblem, state: State) -> str:
     return problem.render_prompt(state.construction, state.value, state.parent_value, state.code, state.output)
 
 
+def model_prompt(problem: DiscoveryProblem, state: State, tokenizer) -> str | list[dict]:
+    """The prompt of a state as the trainer gives it to TRL: a user turn for a model with a chat template; the text
+    for one without. With the problem's `answer_prefix`, a text that ends with it: the chat template is applied here
+    (TRL always adds a bare generation prompt to a conversation) and a BOS the tokenizer adds itself is not doubled."""
+    text = state_prompt(problem, state)
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if not problem.answer_prefix:
+        return [{"role": "user", "content": text}] if has_template else text
+    if has_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+        bos = tokenizer.bos_token
+        if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+            text = text[len(bos):]
+    return text + problem.answer_prefix
+
+
 def completion_text(completion) -> str:
     """A completion as TRL passes it to reward functions: text, or a list of messages (the assistant's turn)."""
     if isinstance(completion, list):
@@ -367,13 +384,10 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         self.kl_coef = args.kl_penalty_coef if args.kl_penalty_coef is not None else (0.1 if is_peft_model(self.model) else 0.0)
         if self.kl_coef > 0 and not is_peft_model(self.model):
             raise UserInputError("kl_penalty_coef: KL shaping needs the base model, i.e. a LoRA adapter (use_peft: true)")
-        self.use_chat_template = getattr(self.processing_class, "chat_template", None) is not None
 
     # prompts
     def render(self, state: State) -> str | list[dict]:
-        """The prompt of a state: a user turn for a model with a chat template, else the text."""
-        text = state_prompt(self.problem, state)
-        return [{"role": "user", "content": text}] if self.use_chat_template else text
+        return model_prompt(self.problem, state, self.processing_class)
 
     def _select_parents(self, count: int) -> list[State]:
         """`count` parents picked by the main process (it owns the archive) and sent to every process."""
@@ -391,7 +405,8 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         when the batch's time budget (twice the sandbox timeout per round of workers) is spent makes that rollout
         invalid; the run goes on."""
         start = time.perf_counter()
-        jobs = [(completion_text(c), self._parents[i]) for c, i in zip(completions, state_ids, strict=True)]
+        prefix = self.problem.answer_prefix
+        jobs = [(prefix + completion_text(c), self._parents[i]) for c, i in zip(completions, state_ids, strict=True)]
 
         def attempt(job) -> Attempt:
             text, parent = job
