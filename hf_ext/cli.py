@@ -6,6 +6,8 @@
     hf-ext eval --task arc --model PATH [--subset NAME | --tasks_file FILE] [--num_votes N] [--ttt_steps N] ...
     hf-ext data generate-sft|make-pairs|manifest|train-tokenizer ...
     hf-ext pipeline recipes/pipelines/stage1.yaml
+    hf-ext push OUTPUT_DIR --repo-id USER/NAME [--private] [--revision BRANCH] [--commit-message TEXT]
+    hf-ext card OUTPUT_DIR [--repo-id USER/NAME]
 
 `hf-ext train --help` lists the stages; `hf-ext train RECIPE.yaml --help` lists every key the recipe's stage accepts.
 
@@ -424,7 +426,40 @@ def pipeline_command(args: list[str]) -> None:
     run_pipeline(args[0])
 
 
-COMMANDS = {"train": train_command, "eval": eval_command, "data": data_command, "pipeline": pipeline_command}
+def push_command(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="hf-ext push",
+        description="Push a finished run (model or adapter, tokenizer, recipe, metrics, plots) to the Hugging Face Hub "
+        "in one commit, with hf_ext's card. The token comes from HF_TOKEN or `hf auth login`.",
+    )
+    parser.add_argument("output_dir", help="the run's output folder (written by hf-ext train)")
+    parser.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="user/name or org/name")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", help="a branch to push to (created from main if missing)")
+    parser.add_argument("--commit-message", "--commit_message", dest="commit_message")
+    options = parser.parse_args(args)
+    from hf_ext.hub import push_run
+
+    print(push_run(options.output_dir, options.repo_id, private=options.private, revision=options.revision,
+                   commit_message=options.commit_message))
+
+
+def card_command(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="hf-ext card",
+        description="Render a finished run's model card again into OUTPUT_DIR/README.md (what `hf-ext push` uploads).",
+    )
+    parser.add_argument("output_dir", help="the run's output folder (written by hf-ext train)")
+    parser.add_argument("--repo-id", "--repo_id", dest="repo_id", help="the repo id the usage snippets load")
+    options = parser.parse_args(args)
+    from hf_ext.hub import render_run_card
+    from hf_ext.run_folder import RunFolder
+
+    print(RunFolder(options.output_dir).write_card(render_run_card(options.output_dir, options.repo_id)))
+
+
+COMMANDS = {"train": train_command, "eval": eval_command, "data": data_command, "pipeline": pipeline_command,
+            "push": push_command, "card": card_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -152,7 +152,13 @@ def _loadable(source: ModelSource) -> str:
     return source.location
 
 
+# What transformers records about how a tokenizer was loaded here (offline, from a local folder) and would write into
+# every tokenizer_config.json saved from it, for every later user of that folder or repository.
+MACHINE_LOCAL_TOKENIZER_KWARGS = ("local_files_only", "is_local", "cache_dir", "token", "_commit_hash", "trust_remote_code")
+
+
 def load_tokenizer(reference: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model reference (pad = EOS when it has none), without machine-local load settings."""
     location = _loadable(resolve_model(reference))
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
@@ -160,6 +166,13 @@ def load_tokenizer(reference: str) -> PreTrainedTokenizerBase:
         raise UserInputError(f"model {reference}: cannot load its tokenizer: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return portable_tokenizer(tokenizer)
+
+
+def portable_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """`tokenizer` without the load settings of this machine, so that its saved config carries none."""
+    for key in MACHINE_LOCAL_TOKENIZER_KWARGS:
+        tokenizer.init_kwargs.pop(key, None)
     return tokenizer
 
 

@@ -33,19 +33,82 @@ def hub_base_model(recipe) -> str | None:
     return None
 
 
-def render_card(recipe, stage, metrics: dict, model) -> ModelCard:
-    """The card of the model `model` trained by `recipe` with `stage`, with the run's `metrics` so far."""
-    from hf_ext.models.extras import ARCHITECTURE_EXTRAS, extras_for
+def usage_snippet(model_id: str, auto_class: str, model_type: str, model_args, base_model: str | None,
+                  has_tokenizer: bool = True) -> str:
+    """The card's loading code, both ways: with hf_ext installed (the architecture is registered) and without it
+    (`trust_remote_code=True`: the modeling code is saved with the weights); an adapter on its base exactly as it was
+    trained (quantization included), from the base's Hub id or a local copy of it."""
+    from hf_ext.models.extras import ARCHITECTURE_EXTRAS
 
-    config = model.config
-    model_type = config.model_type
+    custom = model_type in ARCHITECTURE_EXTRAS
+    # transformers reads config.json first and, for a model_type it does not know, asks whether to run the remote
+    # code (an interactive prompt of 15 s); trust_remote_code=False skips the question: the tokenizer is a standard one
+    tokenizer = (f'tokenizer = AutoTokenizer.from_pretrained("{model_id}", trust_remote_code=False)  # a standard one\n'
+                 if custom else f'tokenizer = AutoTokenizer.from_pretrained("{model_id}")\n')
+    imports = f"from transformers import {auto_class}" + (", AutoTokenizer" if has_tokenizer else "")
+    if not model_args.use_peft:
+        lines = [imports]
+        if custom:
+            lines += ["", "# with hf_ext installed (pip install hf_ext): the architecture is registered",
+                      "import hf_ext  # noqa: F401",
+                      f'model = {auto_class}.from_pretrained("{model_id}")',
+                      "# without hf_ext: the modeling code saved next to the weights runs",
+                      f'model = {auto_class}.from_pretrained("{model_id}", trust_remote_code=True)']
+        else:
+            lines.append(f'model = {auto_class}.from_pretrained("{model_id}")')
+        return "\n".join(lines) + "\n" + (tokenizer if has_tokenizer else "")
+    base = base_model or "<the base model: its Hub id or a local copy>"
+    quantization = ""
+    if model_args.load_in_4bit:
+        compute = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+        quantization = (
+            ", quantization_config=BitsAndBytesConfig(\n    load_in_4bit=True, "
+            f'bnb_4bit_quant_type="{getattr(model_args, "bnb_4bit_quant_type", "nf4")}", '
+            f"bnb_4bit_use_double_quant={getattr(model_args, 'use_bnb_nested_quant', False)}, "
+            f"bnb_4bit_compute_dtype=torch.{compute}),  # the base as the adapter was trained on"
+        )
+    remote = ", trust_remote_code=True" if custom else ""
+    lines = [
+        "import torch" if model_args.load_in_4bit else None,
+        "from peft import PeftModel",
+        imports + (", BitsAndBytesConfig" if model_args.load_in_4bit else ""),
+        "import hf_ext  # noqa: F401  (or pass trust_remote_code=True to the base)" if custom else None,
+        "",
+        f'base = {auto_class}.from_pretrained("{base}"{quantization})  # offline: a local copy of {base}'
+        if not quantization else f'base = {auto_class}.from_pretrained(\n    "{base}"{quantization}\n)',
+        f'model = PeftModel.from_pretrained(base, "{model_id}")',
+        "# or in one line (the base from adapter_config.json, unquantized): "
+        f'AutoPeftModelForCausalLM.from_pretrained("{model_id}"{remote})',
+    ]
+    return "\n".join(line for line in lines if line is not None) + "\n" + (tokenizer if has_tokenizer else "")
+
+
+def describe_model(model) -> dict:
+    """What a card says about a trained model, kept in `metrics.json` as `model_summary` so that `hf-ext card` and
+    `hf-ext push` render the card again from the folder alone (an adapter's folder has no base config)."""
+    return {
+        "model_type": model.config.model_type,
+        "parameters": model.num_parameters(),
+        "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
+        "config": model.config.to_dict(),
+    }
+
+
+def render_card(recipe, stage, metrics: dict, model_summary: dict, model_id: str | None = None) -> ModelCard:
+    """The card of a model trained by `recipe` with `stage`, with the run's `metrics` so far and its
+    `describe_model` summary. `model_id` (a Hub repo id when pushing) is the name the usage snippets load; by default
+    the output folder's name."""
+    from hf_ext.models.extras import extras_for
+
+    model_type = model_summary["model_type"]
     training_args, model_args = recipe.training_args, recipe.model_args
-    parameters = model.num_parameters()
-    without_embeddings = model.num_parameters(exclude_embeddings=True)
+    parameters = model_summary["parameters"]
+    without_embeddings = model_summary["parameters_without_embeddings"]
+    model_name = model_id or Path(training_args.output_dir).name
     variables = dict(
-        model_name=Path(training_args.output_dir).name,
+        model_name=model_name,
         model_type=model_type,
-        model_config=config.to_dict(),
+        model_config=model_summary["config"],
         config=getattr(training_args, "config_overrides", None) or {},
         parameters=f"{parameters / 1e6:.2f}M",
         parameters_without_embeddings=f"{without_embeddings / 1e6:.2f}M",
@@ -53,10 +116,8 @@ def render_card(recipe, stage, metrics: dict, model) -> ModelCard:
         stage=recipe.stage,
         stage_description=stage.card_description,
         base_model_reference=hub_base_model(recipe) or model_args.model_name_or_path,
-        import_hf_ext=(
-            f"import hf_ext  # registers {model_type}; without hf_ext pass trust_remote_code=True (the code is saved "
-            "with the weights)\n" if model_type in ARCHITECTURE_EXTRAS else ""
-        ),
+        usage=usage_snippet(model_name, stage.auto_class, model_type, model_args, hub_base_model(recipe),
+                            has_tokenizer=stage.auto_class != "AutoModelForSemanticSegmentation"),
         seed=training_args.seed,
         global_step=metrics.get("global_step"),
         in_progress=metrics.get("in_progress", False),
@@ -70,7 +131,7 @@ def render_card(recipe, stage, metrics: dict, model) -> ModelCard:
             ("stages", stage.card_template),
         )
     )
-    card_data = ModelCardData(license="apache-2.0", model_name=variables["model_name"], **stage.card_data(recipe, metrics))
+    card_data = ModelCardData(license="apache-2.0", model_name=model_name, **stage.card_data(recipe, metrics))
     card_data.tags = [tag for tag in dict.fromkeys(["hf_ext", recipe.stage, *(card_data.tags or []), model_type]) if tag]
     card = ModelCard.from_template(card_data, template_str=template, **variables)
     return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # an empty part leaves no gap

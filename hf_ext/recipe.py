@@ -110,6 +110,8 @@ class Recipe:
         if self.env:
             out["env"] = dict(self.env)
         for key in self.explicit_keys:
+            if key.endswith("_token"):  # secrets (transformers writes "<HUB_TOKEN>"): a re-run reads the environment
+                continue
             value = values[key]
             # transformers stores some counts as floats (`warmup_steps: 10` -> 10.0); write them back as integers
             out[key] = int(value) if isinstance(value, float) and value.is_integer() and abs(value) >= 1 else value

@@ -54,7 +54,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
 
     from hf_ext.eval.accuracy import peak_rss_mb
     from hf_ext.loading import peft_config
-    from hf_ext.model_card import hub_base_model
+    from hf_ext.model_card import describe_model, hub_base_model
     from hf_ext.recipe import parse_recipe
     from hf_ext.run_folder import RunFolder, loss_curve
     from hf_ext.trainers import get_stage
@@ -63,6 +63,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     script_args, training_args, model_args = recipe.script_args, recipe.training_args, recipe.model_args
     stage = get_stage(recipe.stage)
     state = PartialState()
+    push = hub_push_settings(training_args)  # checked now, pushed once at the end (never by transformers' Trainer)
 
     tokenizer = stage.load_tokenizer(recipe)
     datasets = stage.build_datasets(script_args, training_args, tokenizer)
@@ -79,6 +80,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     if script_args.eval_before_training and state.is_main_process:
         metrics.update(stage.task_accuracy(recipe, model, tokenizer, datasets, "before training"))
 
+    training_args.push_to_hub = False  # after write_recipe: the saved recipe still pushes (hub_push_settings)
     trainer = stage.trainer_class(
         model=model,
         args=training_args,
@@ -86,7 +88,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         eval_dataset=stage.eval_dataset(datasets, training_args),
         processing_class=tokenizer,
         peft_config=None if isinstance(model, PeftModel) else peft_config(model_args),  # an adapter keeps training
-        render_card=lambda progress, trained: stage.render_card(recipe, progress, trained),  # checkpoint cards
+        render_card=lambda progress, summary: stage.render_card(recipe, progress, summary),  # checkpoint cards
     )
     resume = _resume_argument(training_args.resume_from_checkpoint, str(folder.path))
     result = trainer.train(resume_from_checkpoint=resume)
@@ -127,11 +129,37 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             curve, f"{recipe.stage}: {model_name.split('/')[-1]}", ylabel=stage.loss_label,
             mean_train_loss=(trainer.state.global_step, train_loss) if train_loss is not None else None,
         )
-        folder.write_card(stage.render_card(recipe, metrics, trainer.accelerator.unwrap_model(trainer.model)))
+        metrics["model_summary"] = describe_model(trainer.accelerator.unwrap_model(trainer.model))
+        folder.write_card(stage.render_card(recipe, metrics, metrics["model_summary"]))
         folder.write_metrics(metrics)
         logger.info("done: %s; outputs in %s", closing_summary(metrics), folder.path)
+        if push is not None:
+            from hf_ext.hub import push_run
+
+            metrics["pushed_to"] = push_run(folder.path, **push)
     state.wait_for_everyone()
     return metrics
+
+
+def hub_push_settings(training_args) -> dict | None:
+    """`push_run`'s arguments when the recipe sets `push_to_hub: true`, checked before any model loads (repo id,
+    token); transformers' own push is turned off: it would replace hf_ext's card and push every checkpoint."""
+    if not training_args.push_to_hub:
+        return None
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UserInputError(f"hub_model_id {repo_id!r}: {str(error).splitlines()[0]}") from None
+    token = training_args.hub_token or get_token()
+    if not token:
+        raise UserInputError("push_to_hub: no Hugging Face token (set HF_TOKEN, run `hf auth login` or set hub_token)")
+    return {"repo_id": repo_id, "private": bool(training_args.hub_private_repo), "revision": training_args.hub_revision,
+            "token": token}
 
 
 def closing_summary(metrics: dict) -> str:

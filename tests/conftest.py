@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,60 @@ def train_steps(model, steps: int, lr: float = 1e-2, **inputs) -> list[float]:
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+# ---------------------------------------------------------------- tiny runs of the shipped recipes, shared by modules
+# (the pretrain, MLM and Hub tests read the same folders; a test that resumes one leaves it a finished run)
+
+TINY_MHC = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "tie_word_embeddings": True, "hc_mult": 4}
+TINY_RUN = ["--max_steps", "4", "--tokenizer_vocab_size", "512", "--max_length", "64",
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
+            "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1"]
+TINY_BIDIRECTIONAL = {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2, "head_dim": 32, "state_size": 8,
+                      "chunk_size": 16}
+TINY_MLM_RUN = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64",
+                "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1"]
+TINY_CAUSAL = {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "head_dim": 64, "state_size": 16,
+               "chunk_size": 32, "tie_word_embeddings": True}
+
+
+def tiny_overrides(output_dir, config=TINY_MHC) -> list[str]:
+    return ["--output_dir", str(output_dir), "--config_overrides", json.dumps(config), *TINY_RUN]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf_ext_cache")
+
+
+def run_train(recipe: str, *overrides: str, cache_dir) -> subprocess.CompletedProcess:
+    env = dict(cli_env(), HF_EXT_CACHE=str(cache_dir))
+    return subprocess.run(["hf-ext", "train", recipe, *overrides], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, cache_dir):
+    output_dir = tmp_path_factory.mktemp("pretrain") / "mhc"
+    result = run_train("recipes/pretrain_mhc.yaml", *tiny_overrides(output_dir), cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def masked_lm(tmp_path_factory, cache_dir):
+    output_dir = tmp_path_factory.mktemp("mlm") / "mamba"
+    result = run_train("recipes/mamba_mlm.yaml", "--output_dir", str(output_dir), "--config_overrides",
+                       json.dumps(TINY_BIDIRECTIONAL), *TINY_MLM_RUN, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def causal_mamba(tmp_path_factory, cache_dir):
+    output_dir = tmp_path_factory.mktemp("pretrain") / "mamba"
+    result = run_train("recipes/pretrain_mamba.yaml", "--output_dir", str(output_dir), "--config_overrides",
+                       json.dumps(TINY_CAUSAL), *TINY_RUN, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir

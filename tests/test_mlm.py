@@ -12,29 +12,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
-from tests.test_pretrain import TINY_RUN, run_train
-
-TINY_BIDIRECTIONAL = {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2, "head_dim": 32, "state_size": 8,
-                      "chunk_size": 16}
-TINY_MLM_RUN = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64",
-                "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1"]
-TINY_CAUSAL = {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "head_dim": 64, "state_size": 16,
-               "chunk_size": 32, "tie_word_embeddings": True}
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("hf_ext_cache")
-
-
-@pytest.fixture(scope="module")
-def masked_lm(tmp_path_factory, cache_dir):
-    output_dir = tmp_path_factory.mktemp("mlm") / "mamba"
-    result = run_train("recipes/mamba_mlm.yaml", "--output_dir", str(output_dir), "--config_overrides",
-                       json.dumps(TINY_BIDIRECTIONAL), *TINY_MLM_RUN, cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
+from tests.conftest import REPO, TINY_BIDIRECTIONAL, TINY_MLM_RUN, run_cli, run_train
 
 
 def test_mlm_run_writes_a_loadable_masked_lm_with_held_out_perplexity(masked_lm):
@@ -163,22 +141,13 @@ def test_ssm_parameters_take_no_weight_decay(tmp_path):
 # ---------------------------------------------------------------- the causal model: pretrain recipe, then SFT + LoRA
 
 
-@pytest.fixture(scope="module")
-def causal_mamba(tmp_path_factory, cache_dir):
-    output_dir = tmp_path_factory.mktemp("pretrain") / "mamba"
-    result = run_train("recipes/pretrain_mamba.yaml", "--output_dir", str(output_dir), "--config_overrides",
-                       json.dumps(TINY_CAUSAL), *TINY_RUN, cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
-
-
 def test_pretrain_recipe_writes_a_causal_mamba_that_generates(causal_mamba):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_ext  # noqa: F401
 
     metrics = json.loads((causal_mamba / "metrics.json").read_text())
-    assert metrics["model"]["model_type"] == "mamba_ssm" and metrics["global_step"] == 4
+    assert metrics["model_summary"]["model_type"] == "mamba_ssm" and metrics["global_step"] == 4
     assert metrics["validation"]["perplexity"] == pytest.approx(math.exp(metrics["validation"]["loss"]))
     card = (causal_mamba / "README.md").read_text()
     assert "causal language modelling" in card and "AutoModelForCausalLM" in card and "conv1d_rev" not in card

@@ -8,41 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import pytest
 import torch
 
-from tests.conftest import REPO, cli_env, run_cli
-
-TINY_MHC = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "tie_word_embeddings": True, "hc_mult": 4}
-TINY_RUN = ["--max_steps", "4", "--tokenizer_vocab_size", "512", "--max_length", "64",
-            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
-            "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1"]
-
-
-def tiny_overrides(output_dir, config=TINY_MHC) -> list[str]:
-    return ["--output_dir", str(output_dir), "--config_overrides", json.dumps(config), *TINY_RUN]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("hf_ext_cache")
-
-
-def run_train(recipe: str, *overrides: str, cache_dir) -> subprocess.CompletedProcess:
-    env = dict(cli_env(), HF_EXT_CACHE=str(cache_dir))
-    return subprocess.run(["hf-ext", "train", recipe, *overrides], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, cache_dir):
-    output_dir = tmp_path_factory.mktemp("pretrain") / "mhc"
-    result = run_train("recipes/pretrain_mhc.yaml", *tiny_overrides(output_dir), cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
+from tests.conftest import REPO, TINY_MHC, run_cli, run_train, tiny_overrides
 
 
 def test_run_writes_a_loadable_mhc_model_with_validation_perplexity(pretrained):
@@ -60,7 +30,7 @@ def test_run_writes_a_loadable_mhc_model_with_validation_perplexity(pretrained):
     assert validation["hc_amax_gain_forward"] == pytest.approx(1.0, abs=1e-2)
     per_layer = metrics["hyper_connections"]
     assert len(per_layer["stream_spread"]) == 2 and len(per_layer["column_error"]) == 4  # layers, sub-layers
-    assert metrics["model"]["model_type"] == "mhc_lm" and metrics["model"]["parameters"] > 0
+    assert metrics["model_summary"]["model_type"] == "mhc_lm" and metrics["model_summary"]["parameters"] > 0
     assert (pretrained / "loss_curve.png").stat().st_size > 0
     card = (pretrained / "README.md").read_text()
     assert "mHC language model" in card and f"{validation['perplexity']:.2f}" in card and "mhc_lm" in card
@@ -114,7 +84,8 @@ def test_checkpoint_cards_come_from_the_same_templates_as_the_final_card(pretrai
     )
 
     def headings(card: str) -> list[str]:
-        return [line for line in card.splitlines() if line.startswith("#")]
+        prose = card.split("```")[::2]  # outside the code blocks (their comments start with "#" too)
+        return [line for part in prose for line in part.splitlines() if line.startswith("#")]
 
     assert "Checkpoint of a run in progress (step 2)" in checkpoint_card and "in progress" not in final_card
     assert headings(checkpoint_card) == headings(final_card) == [

@@ -32,7 +32,7 @@ import transformers
 from hf_ext.data.arc import Augmentation, Example, GridCollator, load_subset, load_training_tasks
 from hf_ext.errors import UserInputError
 from hf_ext.loading import build_config
-from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin, describe_model, wrap_peft
+from hf_ext.trainers.base import Stage, StageConfigMixin, StageTrainerMixin, wrap_peft
 
 CARD_DESCRIPTION = "Grid training on real ARC tasks (a `transformers.Trainer` subclass) with augmentation and voting."
 PROTOCOLS = ("ttt", "unseen")
@@ -183,6 +183,7 @@ class ArcStage(Stage):
     trainer_class = HfExtArcTrainer
     card_description = CARD_DESCRIPTION
     card_template = "arc.md"
+    auto_class = "AutoModelForSemanticSegmentation"
     loss_label = "cross-entropy (output cells / tokens)"
     built_in_data = True  # arc_train_sources / eval_subset, not dataset_name / task / corpus
 
@@ -226,7 +227,7 @@ class ArcStage(Stage):
         args: HfExtArcConfig = trainer.args
         model = trainer.accelerator.unwrap_model(trainer.model)
         tasks = training_tasks(args)
-        metrics: dict = {"model": describe_model(model), "variant": model.config.variant}
+        metrics: dict = {"variant": model.config.variant}
         metrics["train_tasks"] = len(tasks.names)
         metrics["train_pairs"] = sum(len(p) for p in tasks.pairs)
         metrics["train_examples_seen"] = (

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from hf_ext.errors import UserInputError
+from hf_ext.model_card import describe_model
 from hf_ext.run_folder import RunFolder, loss_curve
 
 logger = logging.getLogger("hf_ext")
@@ -53,8 +54,8 @@ class StageTrainerMixin:
     """
 
     def __init__(self, *args, render_card=None, **kwargs):
-        """`render_card(metrics, model)`: the run's model card (`Stage.render_card`), written at every checkpoint in
-        place of TRL's generic one; None keeps the parent's card."""
+        """`render_card(metrics, model_summary)`: the run's model card (`Stage.render_card`), written at every
+        checkpoint in place of TRL's generic one; None keeps the parent's card."""
         self.render_card = render_card
         super().__init__(*args, **kwargs)
 
@@ -100,7 +101,7 @@ class StageTrainerMixin:
         """The run's card at the current step."""
         progress = {"global_step": self.state.global_step, "loss_curve": loss_curve(self.state.log_history),
                     "in_progress": True}
-        return self.render_card(progress, self.accelerator.unwrap_model(self.model))
+        return self.render_card(progress, describe_model(self.accelerator.unwrap_model(self.model)))
 
     def get_decay_parameter_names(self, model) -> list[str]:
         names = super().get_decay_parameter_names(model)
@@ -114,14 +115,6 @@ class StageTrainerMixin:
         from hf_ext.run_folder import RunFolder
 
         RunFolder(output_dir or self.args.output_dir).write_training_args(self.args.to_json_string())
-
-
-def describe_model(model) -> dict:
-    return {
-        "model_type": model.config.model_type,
-        "parameters": model.num_parameters(),
-        "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
-    }
 
 
 def perplexity(loss: float) -> float:
@@ -168,6 +161,7 @@ class Stage:
     card_description: str  # one sentence for the model card
     card_template: str = "fine_tuning.md"  # the stage's part of the model card, in model_cards/stages/
     loss_label: str = "loss (response tokens)"  # the loss plot's y label
+    auto_class: str = "AutoModelForCausalLM"  # the transformers Auto class the card's snippets load the model with
     built_in_data: bool = False  # the stage reads its data from its own keys, not dataset_name / task / corpus
     takes_corpus: bool = False  # the stage accepts `corpus` (raw text or sequences)
     evaluates_final_model: bool = False  # `final_metrics` evaluates on the `test` split, whatever `eval_strategy`
@@ -227,12 +221,12 @@ class Stage:
         """Metrics of the final model, added to `metrics.json` (called on every rank: evaluation is collective)."""
         return {}
 
-    def render_card(self, recipe, metrics: dict, model):
-        """The model card of `model` after (or, at a checkpoint, during) the run: `hf_ext.model_card.render_card`
-        with this stage's `card_template`, `card_data` and `card_variables`."""
+    def render_card(self, recipe, metrics: dict, model_summary: dict, model_id: str | None = None):
+        """The model card after (or, at a checkpoint, during) the run: `hf_ext.model_card.render_card` with this
+        stage's `card_template`, `card_data` and `card_variables`; `model_id` is the name its snippets load."""
         from hf_ext.model_card import render_card
 
-        return render_card(recipe, self, metrics, model)
+        return render_card(recipe, self, metrics, model_summary, model_id)
 
     def card_data(self, recipe, metrics: dict) -> dict:
         """The card's front matter (`ModelCardData` fields) beyond the license, name and the tags every card has
@@ -267,21 +261,11 @@ class Stage:
 
     def card_variables(self, recipe, metrics: dict) -> dict:
         """The variables of `model_cards/stages/<card_template>` (a fine-tuned model's by default)."""
-        from pathlib import Path
-
         from hf_ext.model_card import hub_base_model
 
         model_args, script_args = recipe.model_args, recipe.script_args
         is_adapter = bool(model_args.use_peft)
-        model_name = Path(recipe.training_args.output_dir).name
         base_reference = hub_base_model(recipe) or model_args.model_name_or_path
-        if is_adapter:
-            usage = (
-                "from peft import AutoPeftModelForCausalLM\n"
-                f'model = AutoPeftModelForCausalLM.from_pretrained("{model_name}")  # loads {base_reference} + this adapter'
-            )
-        else:
-            usage = f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{model_name}")'
         before, after = metrics.get("accuracy_before"), metrics.get("accuracy_after")
         curve = metrics.get("loss_curve", {})
         return dict(
@@ -306,5 +290,4 @@ class Stage:
             eval_examples=after["num_examples"] if after else None,
             accuracy_before=before["accuracy"] if before else None,
             accuracy_after=after["accuracy"] if after else None,
-            usage=usage,
         )

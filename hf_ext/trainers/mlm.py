@@ -29,7 +29,6 @@ from hf_ext.trainers.base import (
     Stage,
     StageConfigMixin,
     StageTrainerMixin,
-    describe_model,
     final_evaluation,
     perplexity,
     wrap_peft,
@@ -150,6 +149,7 @@ class MLMStage(Stage):
     takes_corpus = True
     evaluates_final_model = True
     card_template = "mlm.md"
+    auto_class = "AutoModelForMaskedLM"
 
     def build_datasets(self, script_args, training_args, tokenizer) -> DatasetDict:
         """`train`: `input_ids` per sequence (masked anew every batch); `test`: `input_ids` + `labels`, masked once."""
@@ -204,7 +204,7 @@ class MLMStage(Stage):
 
     def final_metrics(self, trainer) -> dict:
         """Held-out MLM loss and perplexity of the final model, its size and the residues it was trained on."""
-        metrics: dict = {"model": describe_model(trainer.accelerator.unwrap_model(trainer.model))}
+        metrics: dict = {}
         train = trainer.train_dataset
         metrics["train_sequences"] = len(train)
         metrics["train_tokens_per_epoch"] = sum(len(ids) for ids in train["input_ids"])

@@ -25,7 +25,6 @@ from hf_ext.trainers.base import (
     Stage,
     StageConfigMixin,
     StageTrainerMixin,
-    describe_model,
     final_evaluation,
     perplexity,
 )
@@ -121,7 +120,7 @@ def corpus_tokenizer(texts: list[str], vocab_size: int, name: str):
     from transformers import AutoTokenizer
 
     from hf_ext.data.tokenizer import train_sentencepiece_tokenizer
-    from hf_ext.loading import cache_root
+    from hf_ext.loading import cache_root, portable_tokenizer
     from hf_ext.run_folder import staged_directory
 
     digest = hashlib.sha256(f"{vocab_size}|{sentencepiece.__version__}".encode())
@@ -133,7 +132,7 @@ def corpus_tokenizer(texts: list[str], vocab_size: int, name: str):
         if not (folder / "tokenizer_config.json").is_file():
             with staged_directory(folder) as staging:
                 train_sentencepiece_tokenizer(texts, vocab_size=vocab_size, output_dir=staging)
-    return AutoTokenizer.from_pretrained(folder)
+    return portable_tokenizer(AutoTokenizer.from_pretrained(folder))
 
 
 def check_model_source(recipe) -> None:
@@ -208,7 +207,7 @@ class PretrainStage(Stage):
 
     def final_metrics(self, trainer) -> dict:
         """Validation loss and perplexity of the final model, its size and the tokens it was trained on."""
-        metrics: dict = {"model": describe_model(trainer.accelerator.unwrap_model(trainer.model))}
+        metrics: dict = {}
         args = trainer.args
         metrics["tokens_seen"] = (
             trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
