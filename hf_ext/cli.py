@@ -89,6 +89,19 @@ def train_help(recipe_path: str | None) -> str:
     return describe_keys(stage)
 
 
+def redacted(arguments: list[str]) -> list[str]:
+    """`arguments` with the values of `--*_token` options replaced, for printing."""
+    shown = []
+    for index, argument in enumerate(arguments):
+        key, eq, _ = argument.partition("=")
+        if eq and key.startswith("--") and key.endswith("_token"):
+            argument = f"{key}=<redacted>"
+        elif index and arguments[index - 1].startswith("--") and arguments[index - 1].endswith("_token"):
+            argument = "<redacted>"
+        shown.append(argument)
+    return shown
+
+
 def train_command(args: list[str]) -> None:
     from hf_ext.train import apply_env, run
 
@@ -113,7 +126,7 @@ def train_command(args: list[str]) -> None:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     arguments = launch_arguments(recipe, recipe_path, overrides, launcher_flags)
-    print("hf-ext: accelerate launch " + shlex.join(arguments), file=sys.stderr)
+    print("hf-ext: accelerate launch " + shlex.join(redacted(arguments)), file=sys.stderr)
     launch_command(launch_command_parser().parse_args(arguments))
 
 

@@ -44,7 +44,8 @@ def render_run_card(output_dir: str | Path, model_id: str | None = None):
             f"{folder.file('metrics.json')}: no key 'model_summary' (written by hf_ext 0.x before cards could be "
             "rendered from the folder); train the run again to push it with its card"
         )
-    recipe = parse_recipe(folder.file("recipe.yaml"))
+    # read as saved: no path checks (data may have moved), and a GPU run's bf16 must not fail on this CPU
+    recipe = parse_recipe(folder.file("recipe.yaml"), ["--use_cpu", "true"], check_paths=False)
     return get_stage(recipe.stage).render_card(recipe, metrics, metrics["model_summary"], model_id)
 
 
@@ -61,25 +62,33 @@ def pushed_files(output_dir: Path) -> list[Path]:
     return files
 
 
-def check_pushable(output_dir: Path, repo_id: str, token: str | None) -> str:
-    """The token to push with, after every check that needs no network; a UserInputError naming what is wrong."""
-    from huggingface_hub import get_token
+def check_push_target(repo_id: str, token: str | None, key: str = "--repo-id") -> str:
+    """The token to push to `repo_id` with, after the checks that need no network (repo id, token, offline mode);
+    a UserInputError naming `key` otherwise."""
+    from huggingface_hub import constants, get_token
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UserInputError(f"{key} {repo_id!r}: {str(error).splitlines()[0]}") from None
+    if constants.HF_HUB_OFFLINE:
+        raise UserInputError("cannot push with HF_HUB_OFFLINE=1 set (unset it to reach the Hub)")
+    token = token or get_token()
+    if not token:
+        raise UserInputError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a write token)")
+    return token
+
+
+def check_pushable(output_dir: Path, repo_id: str, token: str | None) -> str:
+    """The token to push with, after every check that needs no network; a UserInputError naming what is wrong."""
     if not output_dir.is_dir():
         raise UserInputError(f"{output_dir}: no such folder")
     if not any((output_dir / name).is_file() for name in MODEL_FILES):
         raise UserInputError(f"{output_dir}: no model or adapter to push (expected one of {', '.join(MODEL_FILES)})")
     RunFolder(output_dir).read_metrics()  # a run that did not finish has no metrics.json
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise UserInputError(f"--repo-id {repo_id!r}: {str(error).splitlines()[0]}") from None
-    token = token or get_token()
-    if not token:
-        raise UserInputError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a write token)")
-    return token
+    return check_push_target(repo_id, token)
 
 
 def push_run(
@@ -92,8 +101,13 @@ def push_run(
     token: str | None = None,
 ) -> str:
     """Push the finished run in `output_dir` to `repo_id` (created if needed) in one commit; returns the commit URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        from httpx2 import HTTPError as TransportError  # huggingface_hub 2.x's HTTP client: timeouts, refused connections
+    except ImportError:
+        TransportError = OSError
 
     output_dir = Path(output_dir)
     token = check_pushable(output_dir, repo_id, token)
@@ -102,16 +116,26 @@ def push_run(
     api = HfApi(token=token)
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if private and not api.repo_info(repo_id).private:
+            raise UserInputError(f"--private: {repo_id} already exists and is public (change it on the Hub first)")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=f.as_posix(), path_or_fileobj=output_dir / f) for f in files]
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+        # the repository holds this run only: an earlier push's weights, shards or plots would be loaded or shown
+        pushed = {op.path_in_repo for op in operations}
+        stale = [p for p in api.list_repo_files(repo_id, revision=revision) if p not in pushed and p != ".gitattributes"]
+        operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
         stage = RunFolder(output_dir).read_recipe().get("stage")
         commit = api.create_commit(
             repo_id, operations, commit_message=commit_message or f"hf_ext: {stage} run {output_dir.name}",
             revision=revision,
         )
-    except HfHubHTTPError as error:  # the Hub's reply, without the request headers (never the token)
-        raise UserInputError(f"push to {repo_id}: {str(error).splitlines()[0]}") from None
-    logger.info("pushed %d files of %s to %s", len(operations), output_dir, commit.commit_url)
+    except (HfHubHTTPError, TransportError, ConnectionError) as error:  # never includes the request headers
+        raise UserInputError(
+            f"push to {repo_id} failed ({str(error).splitlines()[0]}); nothing was committed, the run is intact: "
+            f"retry with `hf-ext push {output_dir} --repo-id {repo_id}`"
+        ) from None
+    logger.info("pushed %d files of %s to %s (%d stale files removed)", len(files) + 1, output_dir, commit.commit_url,
+                len(stale))
     return commit.commit_url

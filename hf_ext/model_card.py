@@ -35,9 +35,9 @@ def hub_base_model(recipe) -> str | None:
 
 def usage_snippet(model_id: str, auto_class: str, model_type: str, model_args, base_model: str | None,
                   has_tokenizer: bool = True) -> str:
-    """The card's loading code, both ways: with hf_ext installed (the architecture is registered) and without it
-    (`trust_remote_code=True`: the modeling code is saved with the weights); an adapter on its base exactly as it was
-    trained (quantization included), from the base's Hub id or a local copy of it."""
+    """The card's loading code, both ways: with hf_ext installed (the architecture is registered) or without it
+    (`trust_remote_code=True`: the modeling code is saved with the weights); an adapter on its base loaded as it was
+    trained (dtype and 4-bit quantization), from the base's Hub id or a local copy of it."""
     from hf_ext.models.extras import ARCHITECTURE_EXTRAS
 
     custom = model_type in ARCHITECTURE_EXTRAS
@@ -46,41 +46,41 @@ def usage_snippet(model_id: str, auto_class: str, model_type: str, model_args, b
     tokenizer = (f'tokenizer = AutoTokenizer.from_pretrained("{model_id}", trust_remote_code=False)  # a standard one\n'
                  if custom else f'tokenizer = AutoTokenizer.from_pretrained("{model_id}")\n')
     imports = f"from transformers import {auto_class}" + (", AutoTokenizer" if has_tokenizer else "")
+    tail = tokenizer if has_tokenizer else ""
     if not model_args.use_peft:
-        lines = [imports]
-        if custom:
-            lines += ["", "# with hf_ext installed (pip install hf_ext): the architecture is registered",
-                      "import hf_ext  # noqa: F401",
-                      f'model = {auto_class}.from_pretrained("{model_id}")',
-                      "# without hf_ext: the modeling code saved next to the weights runs",
-                      f'model = {auto_class}.from_pretrained("{model_id}", trust_remote_code=True)']
-        else:
-            lines.append(f'model = {auto_class}.from_pretrained("{model_id}")')
-        return "\n".join(lines) + "\n" + (tokenizer if has_tokenizer else "")
-    base = base_model or "<the base model: its Hub id or a local copy>"
-    quantization = ""
-    if model_args.load_in_4bit:
-        compute = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
-        quantization = (
-            ", quantization_config=BitsAndBytesConfig(\n    load_in_4bit=True, "
-            f'bnb_4bit_quant_type="{getattr(model_args, "bnb_4bit_quant_type", "nf4")}", '
-            f"bnb_4bit_use_double_quant={getattr(model_args, 'use_bnb_nested_quant', False)}, "
-            f"bnb_4bit_compute_dtype=torch.{compute}),  # the base as the adapter was trained on"
+        if not custom:
+            return f'{imports}\nmodel = {auto_class}.from_pretrained("{model_id}")\n{tail}'
+        return (
+            f"import hf_ext  # noqa: F401  (registers {model_type}; without hf_ext, see below)\n{imports}\n"
+            f'model = {auto_class}.from_pretrained("{model_id}")\n'
+            f"# without hf_ext, the modeling code saved next to the weights runs:\n"
+            f'# model = {auto_class}.from_pretrained("{model_id}", trust_remote_code=True)\n{tail}'
         )
-    remote = ", trust_remote_code=True" if custom else ""
-    lines = [
-        "import torch" if model_args.load_in_4bit else None,
-        "from peft import PeftModel",
-        imports + (", BitsAndBytesConfig" if model_args.load_in_4bit else ""),
-        "import hf_ext  # noqa: F401  (or pass trust_remote_code=True to the base)" if custom else None,
-        "",
-        f'base = {auto_class}.from_pretrained("{base}"{quantization})  # offline: a local copy of {base}'
-        if not quantization else f'base = {auto_class}.from_pretrained(\n    "{base}"{quantization}\n)',
-        f'model = PeftModel.from_pretrained(base, "{model_id}")',
-        "# or in one line (the base from adapter_config.json, unquantized): "
-        f'AutoPeftModelForCausalLM.from_pretrained("{model_id}"{remote})',
-    ]
-    return "\n".join(line for line in lines if line is not None) + "\n" + (tokenizer if has_tokenizer else "")
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+    base = base_model or "<the base model: its Hub id or a local copy>"
+    options = [f"dtype=torch.{dtype}"]
+    if model_args.load_in_4bit:
+        options.append(
+            "quantization_config=BitsAndBytesConfig(\n        load_in_4bit=True, "
+            f'bnb_4bit_quant_type="{model_args.bnb_4bit_quant_type}", '
+            f"bnb_4bit_use_double_quant={model_args.use_bnb_nested_quant}, bnb_4bit_compute_dtype=torch.{dtype},\n    )"
+        )
+    if custom:
+        options.append("trust_remote_code=True")  # harmless with hf_ext installed; needed without it
+    reference = model_args.model_name_or_path or ""
+    from_gguf = reference.endswith(".gguf") or reference.startswith(PACKAGE_SCHEME)
+    note = (f"# Trained on {reference} (a GGUF, dequantized); the Hub weights of {base} differ slightly.\n"
+            if from_gguf and base_model else "")
+    one_line = (f"# or, with the base named in adapter_config.json (loaded in its own dtype, unquantized):\n"
+                f'# model = AutoPeftModelForCausalLM.from_pretrained("{model_id}"'
+                f'{", trust_remote_code=True" if custom else ""})\n' if auto_class == "AutoModelForCausalLM" else "")
+    return (
+        "import torch\nfrom peft import PeftModel\n"
+        f"{imports}{', BitsAndBytesConfig' if model_args.load_in_4bit else ''}\n\n{note}"
+        f'base = {auto_class}.from_pretrained(\n    "{base}",  # offline: the path of a local copy\n'
+        f"    {(',' + chr(10) + '    ').join(options)},\n)\n"
+        f'model = PeftModel.from_pretrained(base, "{model_id}")\n{one_line}{tail}'
+    )
 
 
 def describe_model(model) -> dict:
@@ -90,7 +90,7 @@ def describe_model(model) -> dict:
         "model_type": model.config.model_type,
         "parameters": model.num_parameters(),
         "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
-        "config": model.config.to_dict(),
+        "config": {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"},  # no local path
     }
 
 

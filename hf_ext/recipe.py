@@ -80,6 +80,9 @@ class ScriptArguments(TrlScriptArguments):
     )
 
 
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD|CREDENTIALS?)(_|$)", re.IGNORECASE)
+
+
 @dataclass
 class Recipe:
     """A parsed recipe: the three argument dataclasses plus the reserved launch keys."""
@@ -107,8 +110,8 @@ class Recipe:
         for key in ("accelerate_config", "num_processes"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
-        if self.env:
-            out["env"] = dict(self.env)
+        if self.env:  # secrets stay out of the saved (and pushed) recipe: a re-run reads them from the environment
+            out["env"] = {k: v for k, v in self.env.items() if not SECRET_NAME.search(k)}
         for key in self.explicit_keys:
             if key.endswith("_token"):  # secrets (transformers writes "<HUB_TOKEN>"): a re-run reads the environment
                 continue
@@ -223,8 +226,9 @@ def describe_keys(stage_name: str) -> str:
     return parser.format_help()
 
 
-def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Parse `path` with `--key value` `overrides` into a validated `Recipe` (no model or data is loaded)."""
+def parse_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
+    """Parse `path` with `--key value` `overrides` into a validated `Recipe` (no model or data is loaded).
+    `check_paths=False` reads a finished run's recipe.yaml, whose data files may have moved since."""
     from hf_ext.trainers import STAGES, get_stage
 
     path = Path(path)
@@ -302,7 +306,8 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe
         env=env,
         explicit_keys=list(dict.fromkeys([*data, *cli, *unset])),
     )
-    validate_paths(recipe)
+    if check_paths:
+        validate_paths(recipe)
     return recipe
 
 

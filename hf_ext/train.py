@@ -133,31 +133,24 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         folder.write_card(stage.render_card(recipe, metrics, metrics["model_summary"]))
         folder.write_metrics(metrics)
         logger.info("done: %s; outputs in %s", closing_summary(metrics), folder.path)
-        if push is not None:
-            from hf_ext.hub import push_run
-
-            metrics["pushed_to"] = push_run(folder.path, **push)
     state.wait_for_everyone()
+    if push is not None and state.is_main_process:  # after the barrier: no rank waits on the upload
+        from hf_ext.hub import push_run
+
+        push_run(folder.path, **push)
     return metrics
 
 
 def hub_push_settings(training_args) -> dict | None:
     """`push_run`'s arguments when the recipe sets `push_to_hub: true`, checked before any model loads (repo id,
-    token); transformers' own push is turned off: it would replace hf_ext's card and push every checkpoint."""
+    token, offline mode). `run` turns transformers' own push off: it would replace hf_ext's card and push every
+    checkpoint."""
     if not training_args.push_to_hub:
         return None
-    from huggingface_hub import get_token
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from hf_ext.hub import check_push_target
 
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise UserInputError(f"hub_model_id {repo_id!r}: {str(error).splitlines()[0]}") from None
-    token = training_args.hub_token or get_token()
-    if not token:
-        raise UserInputError("push_to_hub: no Hugging Face token (set HF_TOKEN, run `hf auth login` or set hub_token)")
+    token = check_push_target(repo_id, training_args.hub_token, key="hub_model_id")
     return {"repo_id": repo_id, "private": bool(training_args.hub_private_repo), "revision": training_args.hub_revision,
             "token": token}
 

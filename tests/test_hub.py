@@ -8,6 +8,7 @@ push and pull runs in a fresh process, as a user's would, with `HF_ENDPOINT` poi
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -196,10 +197,12 @@ def test_the_pushed_card_is_complete_and_names_the_repo(hub, tmp_path, pretraine
     assert {"hf_ext", "pretrain", "mhc_lm"} <= set(base.data.tags) and base.data.base_model is None
     assert f'from_pretrained("{USER}/tiny-mhc")' in base.text and "trust_remote_code=True" in base.text
 
-    rendered = subprocess.run(["hf-ext", "card", str(pretrained), "--repo-id", f"{USER}/tiny-mhc"], cwd=REPO,
+    copy = tmp_path / "mhc"  # a copy: the shared run keeps its own card
+    shutil.copytree(pretrained, copy)
+    rendered = subprocess.run(["hf-ext", "card", str(copy), "--repo-id", f"{USER}/tiny-mhc"], cwd=tmp_path,
                               env=cli_env(), capture_output=True, text=True, timeout=300)
     assert rendered.returncode == 0, rendered.stderr[-3000:]
-    assert (pretrained / "README.md").read_text() == base.content  # what `hf-ext card` renders is what is pushed
+    assert (copy / "README.md").read_text() == base.content  # what `hf-ext card` renders is what is pushed
 
 
 def test_push_to_hub_in_a_recipe_pushes_once_at_the_end_and_never_writes_the_token(hub, adapter_run):
@@ -255,6 +258,31 @@ def test_a_push_that_fails_leaves_nothing_half_written(hub, tmp_path, causal_mam
     assert hub.files(f"{USER}/failing") == {}  # the repository exists, without a single file of the run
     again = push(hub, tmp_path, causal_mamba, f"{USER}/failing")
     assert again.returncode == 0 and "model.safetensors" in hub.files(f"{USER}/failing")
+
+
+def test_a_new_push_replaces_what_an_earlier_one_left(hub, tmp_path, causal_mamba, adapter_run):
+    adapter, _ = adapter_run
+    assert push(hub, tmp_path, causal_mamba, f"{USER}/reused").returncode == 0
+    result = push(hub, tmp_path, adapter, f"{USER}/reused")
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = hub.files(f"{USER}/reused")
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files and "modeling_mamba_ssm.py" not in files
+    public = push(hub, tmp_path, adapter, f"{USER}/reused", "--private")
+    assert public.returncode == 2 and "already exists and is public" in public.stderr
+
+
+def test_secrets_stay_out_of_saved_recipes_and_printed_commands(tmp_path):
+    from hf_ext.cli import redacted
+    from hf_ext.recipe import parse_recipe
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text((REPO / "recipes/sft.yaml").read_text() + "\nenv:\n  WANDB_API_KEY: abc\n  HF_TOKEN: hf_x\n"
+                           "  TOKENIZERS_PARALLELISM: 'false'\n")
+    recipe = parse_recipe(recipe_file, ["--hub_token", "hf_secret", "--output_dir", str(tmp_path / "out")])
+    saved = recipe.to_yaml(saved_as=tmp_path / "out" / "recipe.yaml")
+    assert "hf_secret" not in saved and "hf_x" not in saved and "abc" not in saved and "TOKENIZERS_PARALLELISM" in saved
+    shown = redacted(["-m", "hf_ext.train", "r.yaml", "--hub_token", "hf_secret", "--hub_token=hf_secret", "--seed", "1"])
+    assert "hf_secret" not in " ".join(shown) and shown[-2:] == ["--seed", "1"]
 
 
 def test_saved_configs_hold_no_machine_local_settings(pretrained, causal_mamba, masked_lm, adapter_run):

@@ -252,7 +252,8 @@ class ArcStage(Stage):
         return metrics
 
     def card_data(self, recipe, metrics: dict) -> dict:
-        return dict(library_name="transformers", tags=["arc", "arc-agi", metrics.get("variant", "")])
+        library = "peft" if recipe.model_args.use_peft else "transformers"
+        return dict(library_name=library, tags=["arc", "arc-agi", metrics.get("variant", "")])
 
     def card_variables(self, recipe, metrics: dict) -> dict:
         from hf_ext.eval.arc import summary_line

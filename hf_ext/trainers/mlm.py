@@ -220,7 +220,7 @@ class MLMStage(Stage):
     def card_data(self, recipe, metrics: dict) -> dict:
         """Tags `protein` (the stage's data are amino-acid sequences) and the corpus' own (`antibody`)."""
         return dict(
-            library_name="transformers", pipeline_tag="fill-mask",
+            library_name="peft" if recipe.model_args.use_peft else "transformers", pipeline_tag="fill-mask",
             tags=["protein", *CORPORA.get(recipe.script_args.corpus, ())],
         )
 
