@@ -161,6 +161,8 @@ class SpreadPoints(DiscoveryProblem):
     )
 
     def __init__(self, count: int = 8, seed: int = 3):
+        if count < 2:
+            raise UserInputError(f"problem_options: count must be >= 2 (a smallest distance needs two points), got {count}")
         self.count = count
         self.seed = seed
 
@@ -250,14 +252,18 @@ def python_blocks(text: str) -> list[str]:
 
 def longest_compiling_prefix(code: str) -> str | None:
     """The longest run of whole first lines of `code` that compiles (None if no line does)."""
+    import warnings
+
     lines = code.split("\n")
-    for end in range(len(lines), 0, -1):
-        candidate = "\n".join(lines[:end])
-        try:
-            compile(candidate, "<answer>", "exec")
-        except (SyntaxError, ValueError):
-            continue
-        return candidate if candidate.strip() else None
+    with warnings.catch_warnings():  # e.g. SyntaxWarning for an invalid escape, once per candidate
+        warnings.simplefilter("ignore")
+        for end in range(len(lines), 0, -1):
+            candidate = "\n".join(lines[:end])
+            try:
+                compile(candidate, "<answer>", "exec")
+            except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+                continue
+            return candidate if candidate.strip() else None
     return None
 
 

@@ -307,7 +307,7 @@ def state_prompt(problem: DiscoveryProblem, state: State) -> str:
     return problem.render_prompt(state.construction, state.value, state.parent_value, state.code, state.output)
 
 
-def model_prompt(problem: DiscoveryProblem, state: State, tokenizer) -> str | list[dict]:
+def model_prompt(problem: DiscoveryProblem, state: State, tokenizer, template_kwargs: dict | None = None) -> str | list[dict]:
     """The prompt of a state as the trainer gives it to TRL: a user turn for a model with a chat template; the text
     for one without. With the problem's `answer_prefix`, a text that ends with it: the chat template is applied here
     (TRL always adds a bare generation prompt to a conversation) and a BOS the tokenizer adds itself is not doubled."""
@@ -317,7 +317,7 @@ def model_prompt(problem: DiscoveryProblem, state: State, tokenizer) -> str | li
         return [{"role": "user", "content": text}] if has_template else text
     if has_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=False)
+                                             tokenize=False, **(template_kwargs or {}))
         bos = tokenizer.bos_token
         if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
             text = text[len(bos):]
@@ -387,7 +387,7 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
 
     # prompts
     def render(self, state: State) -> str | list[dict]:
-        return model_prompt(self.problem, state, self.processing_class)
+        return model_prompt(self.problem, state, self.processing_class, self.args.chat_template_kwargs)
 
     def _select_parents(self, count: int) -> list[State]:
         """`count` parents picked by the main process (it owns the archive) and sent to every process."""
