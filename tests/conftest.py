@@ -98,27 +98,26 @@ def run_train(recipe: str, *overrides: str, cache_dir) -> subprocess.CompletedPr
                           text=True, timeout=900)
 
 
-@pytest.fixture(scope="session")
-def pretrained(tmp_path_factory, cache_dir):
-    output_dir = tmp_path_factory.mktemp("pretrain") / "mhc"
-    result = run_train("recipes/pretrain_mhc.yaml", *tiny_overrides(output_dir), cache_dir=cache_dir)
+def trained(recipe: str, output_dir: Path, *overrides: str, cache_dir) -> Path:
+    """`output_dir` after `hf-ext train recipe --output_dir output_dir overrides...` succeeded."""
+    result = run_train(recipe, "--output_dir", str(output_dir), *overrides, cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, cache_dir):
+    return trained("recipes/pretrain_mhc.yaml", tmp_path_factory.mktemp("pretrain") / "mhc",
+                   "--config_overrides", json.dumps(TINY_MHC), *TINY_RUN, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="session")
 def masked_lm(tmp_path_factory, cache_dir):
-    output_dir = tmp_path_factory.mktemp("mlm") / "mamba"
-    result = run_train("recipes/mamba_mlm.yaml", "--output_dir", str(output_dir), "--config_overrides",
-                       json.dumps(TINY_BIDIRECTIONAL), *TINY_MLM_RUN, cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
+    return trained("recipes/mamba_mlm.yaml", tmp_path_factory.mktemp("mlm") / "mamba",
+                   "--config_overrides", json.dumps(TINY_BIDIRECTIONAL), *TINY_MLM_RUN, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="session")
 def causal_mamba(tmp_path_factory, cache_dir):
-    output_dir = tmp_path_factory.mktemp("pretrain") / "mamba"
-    result = run_train("recipes/pretrain_mamba.yaml", "--output_dir", str(output_dir), "--config_overrides",
-                       json.dumps(TINY_CAUSAL), *TINY_RUN, cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
+    return trained("recipes/pretrain_mamba.yaml", tmp_path_factory.mktemp("pretrain") / "mamba",
+                   "--config_overrides", json.dumps(TINY_CAUSAL), *TINY_RUN, cache_dir=cache_dir)

@@ -151,6 +151,7 @@ class HubStandIn:
 
 
 _REPO = r"(?P<type>model|dataset|space)s/(?P<repo>[^/]+/[^/]+)"
+_RESOLVE = re.compile(r"/(?:(?P<type>dataset|space)s/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
 _ROUTES = [
     ("POST", re.compile(r"/api/repos/create"), "create"),
     ("POST", re.compile(r"/api/validate-yaml"), "validate_yaml"),
@@ -161,8 +162,8 @@ _ROUTES = [
     ("POST", re.compile(rf"/api/{_REPO}/paths-info/(?P<rev>[^/]+)"), "paths_info"),
     ("GET", re.compile(rf"/api/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?"), "tree"),
     ("GET", re.compile(rf"/api/{_REPO}(?:/revision/(?P<rev>[^/]+))?"), "info"),
-    ("GET", re.compile(r"/(?:(?P<type>dataset|space)s/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), "resolve"),
-    ("HEAD", re.compile(r"/(?:(?P<type>dataset|space)s/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), "resolve"),
+    ("GET", _RESOLVE, "resolve"),
+    ("HEAD", _RESOLVE, "resolve"),
 ]
 
 

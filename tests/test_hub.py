@@ -18,7 +18,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from tests.conftest import REPO, cli_env, run_train
+from tests.conftest import REPO, cli_env, trained
 from tests.hub_stand_in import HubStandIn
 
 TOKEN = "hf_standin_secret_0123456789"
@@ -109,10 +109,8 @@ def reference_outputs(folder, auto_class: str, inputs: dict, path) -> str:
 
 @pytest.fixture(scope="module")
 def arc_run(tmp_path_factory, cache_dir):
-    output_dir = tmp_path_factory.mktemp("arc") / "champion"
-    result = run_train("recipes/arc/champion.yaml", "--output_dir", str(output_dir), *TINY_ARC_RUN, cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
+    return trained("recipes/arc/champion.yaml", tmp_path_factory.mktemp("arc") / "champion", *TINY_ARC_RUN,
+                   cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
