@@ -1,4 +1,11 @@
-"""`hf-ext pipeline FILE`: generate SFT data -> SFT -> preference pairs -> DPO -> sequential evaluation.
+"""`hf-ext pipeline FILE`: a chain of steps, each in its own folder, skipped when complete and resumed when interrupted.
+
+A pipeline file has one of two forms:
+
+- the stage-1 pipeline (top-level keys `generate_sft`, `sft`, `make_pairs`, `dpo`, `evaluate`): generate SFT data ->
+  SFT -> preference pairs -> DPO -> sequential evaluation (`recipes/pipelines/stage1.yaml`);
+- a training chain (top-level key `steps`: an ordered mapping of step name -> recipe and its keys), each step
+  training from the previous step's model (`recipes/pipelines/blueprint.yaml`: pretrain -> SDFT -> TTT-Discover).
 
 Each step writes into `<output_dir>/<step>/` and calls the library function behind the command a user would run
 (`hf-ext data generate-sft` / `make-pairs`, `hf-ext train`, `hf-ext eval`), with the step's keys from the pipeline
@@ -59,6 +66,8 @@ def run_pipeline(path: str | Path) -> dict:
     from hf_ext.train import run
 
     config = read_yaml_mapping(path)
+    if "steps" in config:
+        return run_training_chain(path, config)
     unknown = [key for key in config if key not in TOP_LEVEL]
     if unknown:
         raise UserInputError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(TOP_LEVEL)}")
@@ -145,6 +154,82 @@ def run_pipeline(path: str | Path) -> dict:
     return report
 
 
+CHAIN_TOP_LEVEL = ("output_dir", "steps")
+# Keys of a chain step that the pipeline sets itself.
+CHAIN_OWNED = ("output_dir", "resume_from_checkpoint")
+
+
+def training_chain_commands(path: str | Path, config: dict) -> list[tuple[str, str, list[str]]]:
+    """`(step, recipe, --key value arguments)` of each step of a training chain, every recipe parsed with its keys
+    (an unknown key or value fails now, not an hour into the chain). A step trains from the previous step's folder
+    unless it names its own `model_name_or_path`; a value that is an earlier step's name means that step's folder."""
+    from hf_ext.recipe import parse_recipe
+
+    unknown = [key for key in config if key not in CHAIN_TOP_LEVEL]
+    if unknown:
+        raise UserInputError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(CHAIN_TOP_LEVEL)}")
+    if not config.get("output_dir"):
+        raise UserInputError(f"{path}: missing key 'output_dir'")
+    steps = config["steps"]
+    if not isinstance(steps, dict) or not steps:
+        raise UserInputError(f"{path}: 'steps' must be a mapping of step name -> {{recipe: ..., key: value}}")
+    root = Path(config["output_dir"])
+    commands = []
+    for index, (name, options) in enumerate(steps.items()):
+        if options is not None and not isinstance(options, dict):
+            raise UserInputError(f"{path}: step '{name}' must be a mapping of keys (recipe: ..., key: value)")
+        options = dict(options or {})
+        recipe = options.pop("recipe", None)
+        if not recipe:
+            raise UserInputError(f"{path}: step '{name}': missing key 'recipe' (e.g. recipes/sft.yaml)")
+        owned = [key for key in CHAIN_OWNED if key in options]
+        if owned:
+            raise UserInputError(f"{path}: step '{name}': key(s) {', '.join(owned)} are set by the pipeline")
+        source = options.get("model_name_or_path")
+        if source in steps and list(steps).index(source) < index:
+            options["model_name_or_path"] = str(root / source)
+        elif source is None and index > 0:
+            options["model_name_or_path"] = str(root / list(steps)[index - 1])
+        keys = {**options, "output_dir": str(root / name), "resume_from_checkpoint": "true"}
+        arguments = [arg for key, value in keys.items() for arg in (f"--{key}", _as_option(value))]
+        try:
+            parse_recipe(recipe, arguments, check_paths=False)  # later steps' models do not exist yet
+        except UserInputError as error:
+            raise UserInputError(f"{path}: step '{name}': {error}") from None
+        commands.append((name, recipe, arguments))
+    return commands
+
+
+def run_training_chain(path: str | Path, config: dict) -> dict:
+    """Run a training chain's steps in order, each `hf-ext train <recipe> --key value ...` into
+    `<output_dir>/<step>`: a step with `metrics.json` is skipped, an interrupted one resumes from its last checkpoint.
+    Writes `<output_dir>/pipeline.json` with each step's status and final metrics."""
+    from hf_ext.loading import release_memory
+    from hf_ext.run_folder import RunFolder, write_json_atomic
+    from hf_ext.train import run
+
+    commands = training_chain_commands(path, config)
+    root = Path(config["output_dir"])
+    report: dict = {"pipeline": str(path), "steps": {}}
+    for name, recipe, arguments in commands:
+        folder = RunFolder(root / name)
+        if folder.is_finished():
+            print(f"pipeline: {name}: complete, skipped")
+            report["steps"][name] = {"status": "skipped (complete)"}
+        else:
+            print(f"pipeline: {name}: running")
+            start = time.time()
+            run(recipe, arguments)
+            release_memory()
+            report["steps"][name] = {"status": "ran", "seconds": round(time.time() - start, 1)}
+        report["steps"][name]["metrics"] = folder.read_metrics()
+    write_json_atomic(root / "pipeline.json", report)
+    print(f"pipeline: done; every step's metrics in {root / 'pipeline.json'}")
+    return report
+
+
 def _as_option(value) -> str:
     """A pipeline file's value as `hf-ext train` reads it on the command line."""
+    if value is None:
+        return "null"
     return str(value).lower() if isinstance(value, bool) else str(value)

@@ -14,16 +14,14 @@ from hf_ext.data.arc import Augmentation, Example, GridCollator, Pair
 from hf_ext.errors import UserInputError
 from hf_ext.models.arc_grid import ArcGridConfig, ArcGridForGridPrediction
 from hf_ext.models.arc_grid.modeling_arc_grid import CACHE_FIELD
-from tests.conftest import REPO, run_cli, run_without_hf_ext
+from tests.conftest import REPO, TINY_ARC, TINY_ARC_RUN, run_cli, run_without_hf_ext
 
 VARIANTS = ("decoder_only", "encoder_decoder", "grid2d", "grid2d_perminv", "champion")
-TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_encoder_layers=2, num_decoder_layers=1,
-            num_context_layers=1)
 
 
 def tiny_model(variant: str, num_tasks: int = 4, seed: int = 0) -> ArcGridForGridPrediction:
     torch.manual_seed(seed)
-    return ArcGridForGridPrediction(ArcGridConfig(variant=variant, num_tasks=num_tasks, **TINY)).eval()
+    return ArcGridForGridPrediction(ArcGridConfig(variant=variant, num_tasks=num_tasks, **TINY_ARC)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -321,18 +319,8 @@ def test_champion_save_load_gives_identical_predictions_with_and_without_hf_ext(
 
 # --- stage and CLI ------------------------------------------------------------------------------------------------
 
-TINY_ARC_RUN = [
-    "--max_steps", "6", "--per_device_train_batch_size", "4", "--logging_steps", "2", "--save_steps", "3",
-    "--arc_train_sources", "arc1_train_equal_shape_max10", "--eval_subset", "arc1_eval_equal_shape_max10",
-    "--augmentations_per_pair", "2", "--num_votes", "2", "--ttt_steps", "1",
-    "--config_overrides", json.dumps({"variant": "champion", **TINY}),
-]
-
-
-def test_arc_stage_trains_evaluates_and_resumes(tmp_path):
-    out = tmp_path / "run"
-    result = run_cli("hf-ext", "train", str(REPO / "recipes/arc/champion.yaml"), "--output_dir", str(out), *TINY_ARC_RUN)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_arc_stage_trains_evaluates_and_resumes(arc_champion, tmp_path):
+    out = arc_champion
     metrics = json.loads((out / "metrics.json").read_text())
     evaluation = metrics["arc_eval"]
     assert evaluation["subset"] == "arc1_eval_equal_shape_max10" and evaluation["protocol"] == "ttt"

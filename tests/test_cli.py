@@ -11,30 +11,15 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, cli_env, run_cli
-
-SMALL = [
-    "--per_device_train_batch_size", "2",
-    "--task_train_size", "64",
-    "--task_eval_size", "8",
-    "--eval_batch_size", "8",
-    "--logging_steps", "1",
-    "--save_steps", "2",
-]
-
+from tests.conftest import REPO, SMALL, cli_env, run_cli
 
 def front_matter(readme: Path) -> dict:
     return yaml.safe_load(readme.read_text().split("---")[1])
 
 
 @pytest.mark.slow
-def test_accelerate_launch_runs_the_main_job_and_writes_every_artifact(tmp_path):
-    out = tmp_path / "sft"
-    result = run_cli(
-        "accelerate", "launch", "--num_processes", "1", "-m", "hf_ext.train", "recipes/sft.yaml",
-        "--max_steps", "4", "--output_dir", str(out), *SMALL,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_accelerate_launch_runs_the_main_job_and_writes_every_artifact(main_job, tmp_path):
+    out, result = main_job
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert not list(out.rglob("*.bin")), "no pickled files anywhere (training_args is JSON)"
     from transformers.trainer_pt_utils import safe_globals

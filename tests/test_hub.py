@@ -18,42 +18,10 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from tests.conftest import REPO, cli_env, trained
+from tests.conftest import REPO, TOKEN, cli_env, hub_env, push
 from tests.hub_stand_in import HubStandIn
 
-TOKEN = "hf_standin_secret_0123456789"
 USER = HubStandIn.user
-TINY_ARC_RUN = [
-    "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "2",
-    "--arc_train_sources", "arc1_train_equal_shape_max10", "--eval_subset", "arc1_eval_equal_shape_max10",
-    "--augmentations_per_pair", "1", "--num_votes", "1", "--ttt_steps", "0",
-    "--config_overrides", json.dumps({"variant": "champion", "hidden_size": 32, "num_attention_heads": 4,
-                                      "intermediate_size": 64, "num_encoder_layers": 1, "num_decoder_layers": 1,
-                                      "num_context_layers": 1}),
-]
-
-
-@pytest.fixture(scope="module")
-def hub():
-    stand_in = HubStandIn().start()
-    yield stand_in
-    stand_in.stop()
-
-
-def hub_env(hub: HubStandIn, tmp_path, token: str | None = TOKEN) -> dict[str, str]:
-    """A user's environment pointed at the stand-in: its own caches, online, no Xet, the token in HF_TOKEN."""
-    env = dict(cli_env(), HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
-               HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(tmp_path / "hub_cache"),
-               HF_MODULES_CACHE=str(tmp_path / "modules"))
-    env.pop("HF_TOKEN", None)
-    if token:
-        env["HF_TOKEN"] = token
-    return env
-
-
-def push(hub, tmp_path, folder, repo_id, *options, token=TOKEN) -> subprocess.CompletedProcess:
-    return subprocess.run(["hf-ext", "push", str(folder), "--repo-id", repo_id, *options], cwd=REPO,
-                          env=hub_env(hub, tmp_path, token), capture_output=True, text=True, timeout=300)
 
 
 def pull_and_compare(hub, tmp_path, cases: list[dict], with_hf_ext: bool) -> None:
@@ -108,12 +76,6 @@ def reference_outputs(folder, auto_class: str, inputs: dict, path) -> str:
 
 
 @pytest.fixture(scope="module")
-def arc_run(tmp_path_factory, cache_dir):
-    return trained("recipes/arc/champion.yaml", tmp_path_factory.mktemp("arc") / "champion", *TINY_ARC_RUN,
-                   cache_dir=cache_dir)
-
-
-@pytest.fixture(scope="module")
 def adapter_run(tmp_path_factory, cache_dir, pretrained, hub):
     """SFT + LoRA on the tiny mHC model, pushed by the recipe itself (`push_to_hub: true`); its base is the mHC
     model as pushed to the stand-in."""
@@ -140,7 +102,7 @@ def token_inputs(vocab_size: int, seed: int = 0) -> dict:
 
 
 def test_every_architecture_round_trips_with_and_without_hf_ext(hub, tmp_path, pretrained, causal_mamba, masked_lm,
-                                                                 arc_run, adapter_run):
+                                                                 arc_champion, adapter_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -149,7 +111,7 @@ def test_every_architecture_round_trips_with_and_without_hf_ext(hub, tmp_path, p
     cases = []
     for name, folder, auto_class in [("tiny-mamba", causal_mamba, "AutoModelForCausalLM"),
                                      ("tiny-mamba-mlm", masked_lm, "AutoModelForMaskedLM"),
-                                     ("tiny-arc", arc_run, "AutoModelForSemanticSegmentation")]:
+                                     ("tiny-arc", arc_champion, "AutoModelForSemanticSegmentation")]:
         result = push(hub, tmp_path, folder, f"{USER}/{name}")
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.strip().startswith(f"{hub.url}/{USER}/{name}/commit/")

@@ -1,7 +1,7 @@
 """The mlm stage (recipes/mamba_mlm.yaml) and the causal Mamba recipe (recipes/pretrain_mamba.yaml), tiny, end to end.
 
 One real MLM run on the real antibody corpus is shared by the tests that read its artifacts; one tiny causal Mamba
-pretraining run is shared by the SFT + LoRA test on its checkpoint.
+pretraining run is shared with tests/test_matrix.py, which runs every fine-tuning recipe on its checkpoint.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def test_ssm_parameters_take_no_weight_decay(tmp_path):
         assert f"backbone.layers.0.mixer.{name}" not in decayed
 
 
-# ---------------------------------------------------------------- the causal model: pretrain recipe, then SFT + LoRA
+# ---------------------------------------------------------------- the causal model: pretrain recipe
 
 
 def test_pretrain_recipe_writes_a_causal_mamba_that_generates(causal_mamba):
@@ -157,17 +157,3 @@ def test_pretrain_recipe_writes_a_causal_mamba_that_generates(causal_mamba):
     with_cache = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     without = model.generate(**prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert with_cache.shape[1] == prompt["input_ids"].shape[1] + 8 and torch.equal(with_cache, without)
-
-
-def test_sft_recipe_with_lora_on_in_proj_and_out_proj_runs_on_the_mamba_checkpoint(causal_mamba, tmp_path, cache_dir):
-    result = run_train(
-        "recipes/sft.yaml", "--model_name_or_path", str(causal_mamba), "--base_model_id", "hf-ext/tiny-mamba",
-        "--data_format", "instruction", "--output_dir", str(tmp_path / "sft"), "--max_steps", "2",
-        "--task_train_size", "32", "--task_eval_size", "8", "--per_device_train_batch_size", "4",
-        "--eval_batch_size", "8", "--save_steps", "2", cache_dir=cache_dir,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    adapter = json.loads((tmp_path / "sft" / "adapter_config.json").read_text())
-    assert {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]} == {"in_proj", "out_proj"}
-    metrics = json.loads((tmp_path / "sft" / "metrics.json").read_text())
-    assert metrics["global_step"] == 2 and math.isfinite(metrics["train_loss"]) and "accuracy_after" in metrics

@@ -1,7 +1,7 @@
 """The pretrain stage: recipes/pretrain_mhc.yaml and pretrain_llama.yaml at a tiny size, end to end.
 
 One real run (`hf-ext train` on the mHC recipe, tokenizer trained on the real corpus) is shared by the tests that
-read its artifacts; SFT + QLoRA then runs unchanged on the checkpoint it wrote.
+read its artifacts; tests/test_matrix.py runs every fine-tuning recipe on the checkpoint it wrote.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_MHC, run_cli, run_train, tiny_overrides
+from tests.conftest import REPO, TINY_LLAMA, TINY_MHC, run_cli, run_train, tiny_overrides
 
 
 def test_run_writes_a_loadable_mhc_model_with_validation_perplexity(pretrained):
@@ -104,23 +104,6 @@ def test_a_run_too_short_to_log_a_step_still_plots_its_loss(tmp_path, cache_dir)
     assert "loss_curve.png" in (output_dir / "README.md").read_text()
 
 
-def test_sft_and_qlora_recipe_run_unchanged_on_the_mhc_checkpoint(pretrained, tmp_path, cache_dir):
-    # The foundation issue's recipe; only the model (and its plain-text data format: no chat template) change.
-    result = run_train(
-        "recipes/sft.yaml", "--model_name_or_path", str(pretrained), "--base_model_id", "hf-ext/tiny-mhc",
-        "--data_format", "instruction", "--output_dir", str(tmp_path / "sft"), "--max_steps", "2",
-        "--task_train_size", "32", "--task_eval_size", "8", "--per_device_train_batch_size", "4",
-        "--eval_batch_size", "8", "--save_steps", "2", cache_dir=cache_dir,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    adapter = json.loads((tmp_path / "sft" / "adapter_config.json").read_text())
-    adapted = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
-    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    metrics = json.loads((tmp_path / "sft" / "metrics.json").read_text())
-    assert metrics["global_step"] == 2 and math.isfinite(metrics["train_loss"])
-    assert "accuracy_after" in metrics
-
-
 def trainer_for(recipe: str, tmp_path, cache_dir, monkeypatch, config=TINY_MHC):
     from hf_ext.recipe import parse_recipe
     from hf_ext.trainers import pretrain
@@ -148,8 +131,7 @@ def test_documents_are_packed_into_full_blocks_with_eos_between_them(tmp_path, c
 
 
 def test_llama_baseline_has_the_same_shape_without_hyper_connections(tmp_path, cache_dir, monkeypatch):
-    llama_config = {k: v for k, v in TINY_MHC.items() if not k.startswith("hc_")}
-    llama, _, _ = trainer_for("recipes/pretrain_llama.yaml", tmp_path / "llama", cache_dir, monkeypatch, llama_config)
+    llama, _, _ = trainer_for("recipes/pretrain_llama.yaml", tmp_path / "llama", cache_dir, monkeypatch, TINY_LLAMA)
     mhc, _, _ = trainer_for("recipes/pretrain_mhc.yaml", tmp_path / "mhc", cache_dir, monkeypatch)
     assert type(llama.model).__name__ == "LlamaForCausalLM"
     llama_shapes = {name: p.shape for name, p in llama.model.named_parameters()}

@@ -1,6 +1,6 @@
 """The ttt_discover stage: the estimators' invariants (specs/ttt_discover.md section 9), the PUCT archive, the sandbox
-under each fault, the built-in problems, the trainer on tiny Llama / mhc_lm / mamba_ssm models, resume, bad config,
-and the shipped recipe on the real SmolLM2-135M-Instruct."""
+under each fault, the built-in problems, the trainer on a tiny Llama, resume, bad config, and the shipped recipe on the
+real SmolLM2-135M-Instruct. The recipe on every causal architecture: tests/test_matrix.py."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from hf_ext.trainers.ttt_discover import (
     tilted_kl,
 )
 from tests.conftest import REPO, run_cli
-from tests.test_sdft import LORA_TARGETS, TINY  # the same tiny architectures as the SDFT tests
+from tests.test_sdft import LORA_TARGETS, TINY  # the same tiny Llama as the SDFT tests
 
 LN2 = math.log(2)
 
@@ -284,10 +284,13 @@ def test_archive_round_trips_through_json():
          "sqlite", "rebind-the-guard", "frame-introspection", "print-flood"],
 )
 def test_sandbox_turns_each_fault_into_an_error(code, error):
+    # A memory fault must be stopped by the memory limit, not by the clock: its wall-clock limit is generous, as a
+    # loaded CI machine once took over 2 s to reach 512 MB and the 'grow' case timed out instead.
+    timeout = 20 if error == "MemoryError" else 2
     start = time.perf_counter()
-    result = run_python(code, {"points": []}, "points", timeout=2, memory_mb=512)
+    result = run_python(code, {"points": []}, "points", timeout=timeout, memory_mb=512)
     assert not result.ok and result.value is None and error in result.error
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < timeout + 8
     from pathlib import Path
 
     assert not Path("/tmp/hf_ext_sandbox_escape").exists()
@@ -430,18 +433,6 @@ def make_trainer(tmp_path, tokenizer, model_type="llama", **overrides):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[model_type], task_type="CAUSAL_LM")
     return HfExtTTTDiscoverTrainer(model=tiny_model(model_type, tokenizer), args=args, processing_class=tokenizer,
                                    peft_config=lora)
-
-
-@pytest.mark.parametrize("model_type", ["llama", "mhc_lm", "mamba_ssm"])
-def test_one_step_trains_the_adapter_on_every_causal_architecture(tmp_path, tokenizer, model_type):
-    trainer = make_trainer(tmp_path, tokenizer, model_type)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    trainer.train()
-    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert changed, "no adapter weight moved"
-    assert trainer.archive.total_visits == 8 and len(trainer.history) == 1
-    best_reward = max(r for _, _, r in trainer._step_rollouts)
-    assert trainer.best_state()["verified"] and trainer.best_state()["value"] == max(1.0, best_reward)
 
 
 def test_the_loss_receives_the_estimators_advantages_on_the_sampled_ids(tmp_path, tokenizer, monkeypatch):
