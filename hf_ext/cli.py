@@ -5,7 +5,7 @@
     hf-ext eval --task antibody_design --model PATH [--baseline FILE | --write_baseline FILE] ...
     hf-ext eval --task arc --model PATH [--subset NAME | --tasks_file FILE] [--num_votes N] [--ttt_steps N] ...
     hf-ext data generate-sft|make-pairs|manifest|train-tokenizer ...
-    hf-ext pipeline recipes/pipelines/stage1.yaml
+    hf-ext pipeline PIPELINE.yaml   (recipes/pipelines/stage1.yaml, recipes/pipelines/blueprint.yaml)
     hf-ext push OUTPUT_DIR --repo-id USER/NAME [--private] [--revision BRANCH] [--commit-message TEXT]
     hf-ext card OUTPUT_DIR [--repo-id USER/NAME]
 
@@ -429,8 +429,11 @@ PIPELINE_USAGE = "usage: hf-ext pipeline PIPELINE.yaml"
 
 def pipeline_command(args: list[str]) -> None:
     if args in (["-h"], ["--help"]):
-        print(f"{PIPELINE_USAGE}\n\nGenerate SFT data -> SFT -> preference pairs -> DPO -> evaluation, each step skipped "
-              "when its outputs are complete (docs/pipeline.md; an example: recipes/pipelines/stage1.yaml).")
+        print(f"{PIPELINE_USAGE}\n\nRun a chain of steps, each in its own folder, skipped when complete and resumed when "
+              "interrupted (docs/pipeline.md). Two forms: the stage-1 pipeline, generate SFT data -> SFT -> preference "
+              "pairs -> DPO -> evaluation (recipes/pipelines/stage1.yaml); or a training chain, `steps:` of recipes, "
+              "each training from the previous step's model (recipes/pipelines/blueprint.yaml: mHC pretrain -> SDFT -> "
+              "TTT-Discover).")
         return
     if len(args) != 1:
         raise UserInputError(PIPELINE_USAGE)

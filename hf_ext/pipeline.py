@@ -19,6 +19,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,7 +66,6 @@ def run_pipeline(path: str | Path) -> dict:
     from hf_ext.recipe import task_evaluation
     from hf_ext.run_folder import read_yaml_mapping
     from hf_ext.run_folder import RunFolder, write_json_atomic
-    from hf_ext.train import run
 
     config = read_yaml_mapping(path)
     if "steps" in config:
@@ -105,14 +107,19 @@ def run_pipeline(path: str | Path) -> dict:
         prompt_keys, rest = pair_keys
         make_task_pairs(str(sft_dir), TrainingPrompts(task, **prompt_keys), pairs, **{"data_format": data_format, **rest})
 
-    def train(step: str, folder: Path, model: str, data: Path) -> None:
+    def training_step(step: str, folder: Path, model: str, data: Path) -> TrainingStep:
         options = dict(steps[step])
         recipe = options.pop("recipe")
-        keys = {"model_name_or_path": model, "task": "null", "dataset_name": str(data), "data_format": data_format,
-                "output_dir": str(folder), "resume_from_checkpoint": "true", **options}
+        keys = {"model_name_or_path": model, "task": None, "dataset_name": str(data), "data_format": data_format,
+                "output_dir": str(folder), "resume_from_checkpoint": True, **options}
         if config.get("base_model_id"):
             keys["base_model_id"] = config["base_model_id"]
-        run(recipe, [arg for key, value in keys.items() for arg in (f"--{key}", _as_option(value))])
+        return TrainingStep(step, recipe, step_arguments(keys), folder)
+
+    sft_step = training_step("sft", sft_dir, base, sft_data)
+    dpo_step = training_step("dpo", dpo_dir, str(sft_dir), pairs)
+    for step in (sft_step, dpo_step):
+        check_training_step(path, step)
 
     def evaluate() -> None:
         settings, rest = evaluation_keys
@@ -123,9 +130,9 @@ def run_pipeline(path: str | Path) -> dict:
 
     plan = [
         ("generate_sft", lambda: verified(sft_data), generate_sft),
-        ("sft", lambda: RunFolder(sft_dir).is_finished(), lambda: train("sft", sft_dir, base, sft_data)),
+        ("sft", lambda: RunFolder(sft_dir).is_finished(), lambda: train_step(path, sft_step)),
         ("make_pairs", lambda: verified(pairs), make_pairs),
-        ("dpo", lambda: RunFolder(dpo_dir).is_finished(), lambda: train("dpo", dpo_dir, str(sft_dir), pairs)),
+        ("dpo", lambda: RunFolder(dpo_dir).is_finished(), lambda: train_step(path, dpo_step)),
         ("evaluate", lambda: results.is_file(), evaluate),
     ]
     report = {"pipeline": str(path), "steps": {}}
@@ -157,14 +164,23 @@ def run_pipeline(path: str | Path) -> dict:
 CHAIN_TOP_LEVEL = ("output_dir", "steps")
 # Keys of a chain step that the pipeline sets itself.
 CHAIN_OWNED = ("output_dir", "resume_from_checkpoint")
+STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def training_chain_commands(path: str | Path, config: dict) -> list[tuple[str, str, list[str]]]:
-    """`(step, recipe, --key value arguments)` of each step of a training chain, every recipe parsed with its keys
-    (an unknown key or value fails now, not an hour into the chain). A step trains from the previous step's folder
-    unless it names its own `model_name_or_path`; a value that is an earlier step's name means that step's folder."""
-    from hf_ext.recipe import parse_recipe
+@dataclasses.dataclass
+class TrainingStep:
+    """One `hf-ext train` of a pipeline: its recipe, its `--key value` options and the folder it trains into."""
 
+    name: str
+    recipe: str
+    arguments: list[str]
+    folder: Path
+
+
+def training_chain_steps(path: str | Path, config: dict) -> list[TrainingStep]:
+    """The steps of a training chain, every recipe parsed with its keys (an unknown key or a bad value fails now, not
+    an hour into the chain). A step without `model_name_or_path` trains from the previous step's folder; a value that
+    is an earlier step's name means that step's folder; `null` builds the model from the recipe (from scratch)."""
     unknown = [key for key in config if key not in CHAIN_TOP_LEVEL]
     if unknown:
         raise UserInputError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(CHAIN_TOP_LEVEL)}")
@@ -174,8 +190,11 @@ def training_chain_commands(path: str | Path, config: dict) -> list[tuple[str, s
     if not isinstance(steps, dict) or not steps:
         raise UserInputError(f"{path}: 'steps' must be a mapping of step name -> {{recipe: ..., key: value}}")
     root = Path(config["output_dir"])
-    commands = []
-    for index, (name, options) in enumerate(steps.items()):
+    names = [str(name) for name in steps]
+    planned = []
+    for index, (name, options) in enumerate(zip(names, steps.values())):
+        if not STEP_NAME.fullmatch(name):
+            raise UserInputError(f"{path}: step name {name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
         if options is not None and not isinstance(options, dict):
             raise UserInputError(f"{path}: step '{name}' must be a mapping of keys (recipe: ..., key: value)")
         options = dict(options or {})
@@ -185,51 +204,98 @@ def training_chain_commands(path: str | Path, config: dict) -> list[tuple[str, s
         owned = [key for key in CHAIN_OWNED if key in options]
         if owned:
             raise UserInputError(f"{path}: step '{name}': key(s) {', '.join(owned)} are set by the pipeline")
-        source = options.get("model_name_or_path")
-        if source in steps and list(steps).index(source) < index:
+        if "model_name_or_path" not in options:
+            if index > 0:
+                options["model_name_or_path"] = str(root / names[index - 1])
+        elif options["model_name_or_path"] in names:
+            source = options["model_name_or_path"]
+            if names.index(source) >= index:
+                raise UserInputError(f"{path}: step '{name}': model_name_or_path names step '{source}', which does "
+                                     "not run before it")
             options["model_name_or_path"] = str(root / source)
-        elif source is None and index > 0:
-            options["model_name_or_path"] = str(root / list(steps)[index - 1])
-        keys = {**options, "output_dir": str(root / name), "resume_from_checkpoint": "true"}
-        arguments = [arg for key, value in keys.items() for arg in (f"--{key}", _as_option(value))]
-        try:
-            parse_recipe(recipe, arguments, check_paths=False)  # later steps' models do not exist yet
-        except UserInputError as error:
-            raise UserInputError(f"{path}: step '{name}': {error}") from None
-        commands.append((name, recipe, arguments))
-    return commands
+        folder = root / name
+        arguments = step_arguments({**options, "output_dir": str(folder), "resume_from_checkpoint": True})
+        planned.append(TrainingStep(name, recipe, arguments, folder))
+        check_training_step(path, planned[-1])
+    return planned
 
 
 def run_training_chain(path: str | Path, config: dict) -> dict:
-    """Run a training chain's steps in order, each `hf-ext train <recipe> --key value ...` into
-    `<output_dir>/<step>`: a step with `metrics.json` is skipped, an interrupted one resumes from its last checkpoint.
-    Writes `<output_dir>/pipeline.json` with each step's status and final metrics."""
-    from hf_ext.loading import release_memory
+    """Run a training chain's steps in order: a finished step (`metrics.json`) is skipped, an interrupted one resumes
+    from its last checkpoint. Writes `<output_dir>/pipeline.json` with each step's status and final metrics."""
     from hf_ext.run_folder import RunFolder, write_json_atomic
-    from hf_ext.train import run
 
-    commands = training_chain_commands(path, config)
+    steps = training_chain_steps(path, config)
+    finished = [RunFolder(step.folder).is_finished() for step in steps]
+    for index, step in enumerate(steps):  # a finished step after one that will run was trained from an older model
+        if finished[index] and not all(finished[:index]):
+            earlier = steps[finished.index(False)].name
+            raise UserInputError(f"{path}: step '{step.name}': {step.folder} is finished but step '{earlier}' before it "
+                                 "is not, so it was trained from an older model; delete the folder to re-run it")
     root = Path(config["output_dir"])
     report: dict = {"pipeline": str(path), "steps": {}}
-    for name, recipe, arguments in commands:
-        folder = RunFolder(root / name)
-        if folder.is_finished():
-            print(f"pipeline: {name}: complete, skipped")
-            report["steps"][name] = {"status": "skipped (complete)"}
+    for step, done in zip(steps, finished):
+        if done:
+            print(f"pipeline: {step.name}: complete, skipped")
+            report["steps"][step.name] = {"status": "skipped (complete)"}
         else:
-            print(f"pipeline: {name}: running")
+            print(f"pipeline: {step.name}: running")
             start = time.time()
-            run(recipe, arguments)
-            release_memory()
-            report["steps"][name] = {"status": "ran", "seconds": round(time.time() - start, 1)}
-        report["steps"][name]["metrics"] = folder.read_metrics()
+            train_step(path, step)
+            report["steps"][step.name] = {"status": "ran", "seconds": round(time.time() - start, 1)}
+        report["steps"][step.name]["metrics"] = RunFolder(step.folder).read_metrics()
     write_json_atomic(root / "pipeline.json", report)
     print(f"pipeline: done; every step's metrics in {root / 'pipeline.json'}")
     return report
 
 
-def _as_option(value) -> str:
-    """A pipeline file's value as `hf-ext train` reads it on the command line."""
-    if value is None:
-        return "null"
-    return str(value).lower() if isinstance(value, bool) else str(value)
+def step_arguments(keys: dict) -> list[str]:
+    """A pipeline step's keys as `hf-ext train` options, values as a recipe file would give them; null unsets."""
+    from hf_ext.recipe import to_argv
+
+    arguments: list[str] = []
+    for key, value in keys.items():
+        arguments += [f"--{key}", "null"] if value is None or value == [] else to_argv(key, value)
+    return arguments
+
+
+def check_training_step(source: str | Path, step: TrainingStep):
+    """Parse the step's recipe with its options (the models of later steps need not exist yet) and, when its folder
+    holds an earlier run, check that the run had the same settings: a finished step is skipped and an interrupted one
+    resumes, so a changed key would otherwise be ignored. Returns the parsed recipe."""
+    import yaml
+
+    from hf_ext.recipe import parse_recipe
+    from hf_ext.run_folder import RunFolder
+
+    try:
+        recipe = parse_recipe(step.recipe, step.arguments, check_paths=False)
+    except UserInputError as error:
+        raise UserInputError(f"{source}: step '{step.name}': {error}") from None
+    folder = RunFolder(step.folder)
+    if folder.has_recipe():
+        saved = folder.read_recipe()
+        now = yaml.safe_load(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        # the keys the pipeline sets say how the step runs, not what it trains (a finished run copied into place
+        # keeps its old output_dir; a run started by hand may not have resumed)
+        changed = [key for key in dict.fromkeys([*now, *saved])
+                   if key not in CHAIN_OWNED and saved.get(key) != now.get(key)]
+        if changed:
+            key = changed[0]
+            raise UserInputError(
+                f"{source}: step '{step.name}': {step.folder} was trained with {key}: {saved.get(key)!r}, the pipeline "
+                f"now gives {now.get(key)!r}{f' (and {len(changed) - 1} more keys)' if len(changed) > 1 else ''}; "
+                "delete the folder to re-run the step"
+            )
+    return recipe
+
+
+def train_step(source: str | Path, step: TrainingStep) -> None:
+    """`hf-ext train <recipe> <options>` in a child process, exactly as a user would run it (the recipe's `env`,
+    `accelerate_config` and `num_processes` apply), with its output on this terminal; each step starts with a fresh
+    process's memory."""
+    command = [sys.executable, "-m", "hf_ext.cli", "train", step.recipe, *step.arguments]
+    returncode = subprocess.run(command).returncode
+    if returncode != 0:
+        raise UserInputError(f"{source}: step '{step.name}' failed (exit {returncode}; its output is above); re-run "
+                             "the pipeline to resume it from its last checkpoint")

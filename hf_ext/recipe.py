@@ -185,7 +185,8 @@ def split_overrides(args: list[str]) -> dict[str, str | list[str]]:
     return {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in overrides.items()}
 
 
-def _to_argv(key: str, value: Any) -> list[str]:
+def to_argv(key: str, value: Any) -> list[str]:
+    """A recipe's `key: value` as the command-line options that set it."""
     if isinstance(value, bool):
         return [f"--{key}", str(value).lower()]
     if isinstance(value, (list, tuple)):
@@ -284,7 +285,7 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None, check_pat
         if value is None or value == []:
             nulls[key] = value
         else:
-            argv += _to_argv(key, value)
+            argv += to_argv(key, value)
     for key, value in cli.items():
         argv += [f"--{key}", *(value if isinstance(value, list) else [value])]
     parser.set_defaults(**nulls)

@@ -41,6 +41,13 @@ def smollm2():
     return load_model(ModelArguments(model_name_or_path=SMOLLM2)).eval()
 
 
+def front_matter(readme: Path) -> dict:
+    """A model card's YAML metadata."""
+    import yaml
+
+    return yaml.safe_load(readme.read_text().split("---")[1])
+
+
 def run_without_hf_ext(tmp_path: Path, body: str, env: dict[str, str] | None = None) -> None:
     """Run `body` in a fresh Python where `import hf_ext` fails, as for a user who never installed it; it must end by
     printing `ok`. Remote code is cached under `tmp_path`, so every test loads the files its checkpoint carries.
@@ -50,7 +57,8 @@ def run_without_hf_ext(tmp_path: Path, body: str, env: dict[str, str] | None = N
     script = 'import sys\nsys.modules["hf_ext"] = None  # any `import hf_ext` fails\n' + textwrap.dedent(body)
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            **(env or {})}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 

@@ -3,6 +3,7 @@
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -337,10 +338,11 @@ def test_arc_stage_trains_evaluates_and_resumes(arc_champion, tmp_path):
     assert config["num_tasks"] == 154 and config["task_names"][-1] in attempts
     assert not list(out.rglob("*.bin")) and (out / "loss_curve.png").is_file()
 
-    resumed = run_cli("hf-ext", "train", str(REPO / "recipes/arc/champion.yaml"), "--output_dir", str(out), *TINY_ARC_RUN,
-                      "--max_steps", "8", "--resume_from_checkpoint", "true")
+    copy = shutil.copytree(out, tmp_path / "champion")  # the session's run stays as other modules expect it
+    resumed = run_cli("hf-ext", "train", str(REPO / "recipes/arc/champion.yaml"), "--output_dir", str(copy),
+                      *TINY_ARC_RUN, "--max_steps", "8", "--resume_from_checkpoint", "true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["resumed_from_checkpoint"] is True
+    assert json.loads((copy / "metrics.json").read_text())["resumed_from_checkpoint"] is True
 
     scored = run_cli("hf-ext", "eval", "--task", "arc", "--model", str(out), "--num_votes", "1", "--output", str(tmp_path / "e.json"))
     assert scored.returncode == 0, scored.stderr[-3000:]

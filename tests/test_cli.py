@@ -11,11 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, SMALL, cli_env, run_cli
-
-def front_matter(readme: Path) -> dict:
-    return yaml.safe_load(readme.read_text().split("---")[1])
-
+from tests.conftest import REPO, SMALL, cli_env, front_matter, run_cli
 
 @pytest.mark.slow
 def test_accelerate_launch_runs_the_main_job_and_writes_every_artifact(main_job, tmp_path):

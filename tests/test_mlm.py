@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -44,12 +45,13 @@ def test_mlm_run_writes_a_loadable_masked_lm_with_held_out_perplexity(masked_lm)
     assert model(**batch).logits.shape == (2, 27, 32)
 
 
-def test_mlm_resume_continues_the_same_run(masked_lm, cache_dir):
-    result = run_train("recipes/mamba_mlm.yaml", "--output_dir", str(masked_lm), "--config_overrides",
+def test_mlm_resume_continues_the_same_run(masked_lm, cache_dir, tmp_path):
+    run = shutil.copytree(masked_lm, tmp_path / "mamba")  # the session's run stays as other modules expect it
+    result = run_train("recipes/mamba_mlm.yaml", "--output_dir", str(run), "--config_overrides",
                        json.dumps(TINY_BIDIRECTIONAL), *TINY_MLM_RUN, "--max_steps", "6",
                        "--resume_from_checkpoint", "true", cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((masked_lm / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == 6
 
 

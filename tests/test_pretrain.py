@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -46,11 +47,12 @@ def test_run_writes_a_loadable_mhc_model_with_validation_perplexity(pretrained):
     assert out.shape[1] == prompt["input_ids"].shape[1] + 8
 
 
-def test_resume_continues_the_same_run(pretrained, cache_dir):
-    result = run_train("recipes/pretrain_mhc.yaml", *tiny_overrides(pretrained), "--max_steps", "6",
+def test_resume_continues_the_same_run(pretrained, cache_dir, tmp_path):
+    run = shutil.copytree(pretrained, tmp_path / "mhc")  # the session's run stays as other modules expect it
+    result = run_train("recipes/pretrain_mhc.yaml", *tiny_overrides(run), "--max_steps", "6",
                        "--resume_from_checkpoint", "true", cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((pretrained / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == 6
     assert metrics["loss_curve"]["step"] == [1, 2, 3, 4, 5, 6]  # steps 1-4 logged before, restored from the checkpoint
 
