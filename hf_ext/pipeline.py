@@ -222,7 +222,8 @@ def training_chain_steps(path: str | Path, config: dict) -> list[TrainingStep]:
 
 def run_training_chain(path: str | Path, config: dict) -> dict:
     """Run a training chain's steps in order: a finished step (`metrics.json`) is skipped, an interrupted one resumes
-    from its last checkpoint. Writes `<output_dir>/pipeline.json` with each step's status and final metrics."""
+    from its last checkpoint. Writes `<output_dir>/pipeline.json` with each step's status, seconds and the headline
+    numbers of its `metrics.json`."""
     from hf_ext.run_folder import RunFolder, write_json_atomic
 
     steps = training_chain_steps(path, config)
@@ -243,10 +244,21 @@ def run_training_chain(path: str | Path, config: dict) -> dict:
             start = time.time()
             train_step(path, step)
             report["steps"][step.name] = {"status": "ran", "seconds": round(time.time() - start, 1)}
-        report["steps"][step.name]["metrics"] = RunFolder(step.folder).read_metrics()
+        report["steps"][step.name]["results"] = headline(RunFolder(step.folder).read_metrics())
     write_json_atomic(root / "pipeline.json", report)
     print(f"pipeline: done; every step's metrics in {root / 'pipeline.json'}")
     return report
+
+
+def headline(metrics: dict) -> dict:
+    """The numbers and names of a run's metrics, one level deep (`accuracy_after.accuracy`, `validation.perplexity`),
+    without its lists (loss curves, samples, ranks)."""
+    scalars = (int, float, str, bool, type(None))
+    flat = {key: value for key, value in metrics.items() if isinstance(value, scalars)}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items() if isinstance(v, scalars)})
+    return flat
 
 
 def step_arguments(keys: dict) -> list[str]:

@@ -88,9 +88,10 @@ def test_blueprint_chain_trains_each_step_from_the_last_then_skips_and_resumes(t
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in report["steps"].values()] == ["skipped (complete)", "ran", "ran"]
-    sdft, ttt = report["steps"]["sdft"]["metrics"], report["steps"]["ttt_discover"]["metrics"]
+    sdft, ttt = report["steps"]["sdft"]["results"], report["steps"]["ttt_discover"]["results"]
     assert sdft["stage"] == "sdft" and sdft["global_step"] == 2 and sdft["model"] == str(out / "pretrain")
     assert ttt["stage"] == "ttt_discover" and ttt["global_step"] == 1 and ttt["model"] == str(out / "sdft")
+    assert ttt["discovery.rollouts"] == 8 and sdft["accuracy_after.num_examples"] == 4
     assert (out / "sdft" / "model.safetensors").is_file(), "SDFT fine-tuned the whole pretrained mHC model"
     assert json.loads((out / "sdft" / "config.json").read_text())["model_type"] == "mhc_lm"
     adapter = json.loads((out / "ttt_discover" / "adapter_config.json").read_text())
@@ -107,7 +108,7 @@ def test_blueprint_chain_trains_each_step_from_the_last_then_skips_and_resumes(t
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in again["steps"].values()] == ["skipped (complete)", "ran", "ran"]
-    resumed = again["steps"]["sdft"]["metrics"]
+    resumed = again["steps"]["sdft"]["results"]
     assert resumed["resumed_from_checkpoint"] and resumed["global_step"] == 2
 
     # a finished step is never skipped with other settings than it was trained with
