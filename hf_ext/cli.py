@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from hf_ext.errors import UserInputError
+from hf_ext.train import option_value
 
 ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp")
 
@@ -115,7 +116,7 @@ def train_command(args: list[str]) -> None:
     if not args or args[0].startswith("-"):
         raise UserInputError(TRAIN_USAGE)
     recipe_path, overrides = args[0], args[1:]
-    apply_env(recipe_path)
+    apply_env(recipe_path, overrides)
 
     from hf_ext.recipe import parse_recipe
 
@@ -131,9 +132,9 @@ def train_command(args: list[str]) -> None:
 
 
 def eval_command(args: list[str]) -> None:
-    if _option_value(args, "--task") == "antibody_design":
+    if option_value(args, "--task") == "antibody_design":
         return antibody_design_command(args)
-    if _option_value(args, "--task") == "arc":
+    if option_value(args, "--task") == "arc":
         return arc_command(args)
     parser = argparse.ArgumentParser(
         prog="hf-ext eval",
@@ -171,16 +172,6 @@ def eval_command(args: list[str]) -> None:
     print(f"peak RSS {summary['peak_rss_mb']:.0f} MB")
     if options.output:
         write_json_atomic(options.output, summary)
-
-
-def _option_value(args: list[str], option: str) -> str | None:
-    """The value of ``option`` in ``args`` (``--task x`` or ``--task=x``), before any parsing."""
-    for index, arg in enumerate(args):
-        if arg == option and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith(option + "="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def antibody_design_command(args: list[str]) -> None:

@@ -62,3 +62,17 @@ def unsupported_versions(installed: dict[str, str] | None = None) -> list[str]:
 def warn_about_unsupported_versions() -> None:
     for message in unsupported_versions():
         logger.warning(message)
+
+
+def check_unsloth() -> None:
+    """Unsloth only runs on CUDA GPUs: say so at once instead of failing deep inside its import."""
+    import importlib.util
+
+    import torch
+
+    from hf_ext.errors import UserInputError
+
+    if not torch.cuda.is_available():
+        raise UserInputError("backend: unsloth needs a CUDA GPU and this machine has none; use backend: transformers")
+    if importlib.util.find_spec("unsloth") is None:
+        raise UserInputError("backend: unsloth is not installed; pip install 'hf_ext[unsloth]' or use backend: transformers")

@@ -20,15 +20,32 @@ from hf_ext.errors import UserInputError
 logger = logging.getLogger("hf_ext")
 
 
-def apply_env(recipe_path: str) -> None:
-    """Set the recipe's `env` before torch/transformers/huggingface_hub read their environment at import, then
-    register hf_ext's architectures (which imports them; `hf-ext` and `python -m hf_ext.train` processes defer that
-    to here, see hf_ext/__init__.py)."""
+def apply_env(recipe_path: str, overrides: list[str] | None = None) -> None:
+    """Set the recipe's `env` before torch/transformers/huggingface_hub read their environment at import; with
+    `backend: unsloth` (in the recipe or `overrides`), import Unsloth next, as it asks: it patches transformers, TRL
+    and PEFT when it is imported. Then register hf_ext's architectures (which imports them; `hf-ext` and
+    `python -m hf_ext.train` processes defer that to here, see hf_ext/__init__.py)."""
     from hf_ext.run_folder import read_yaml_mapping
 
-    for key, value in (read_yaml_mapping(recipe_path).get("env") or {}).items():
+    data = read_yaml_mapping(recipe_path)
+    for key, value in (data.get("env") or {}).items():
         os.environ[str(key)] = str(value)
+    if (option_value(overrides or [], "--backend") or data.get("backend")) == "unsloth":
+        from hf_ext.dependencies import check_unsloth
+
+        check_unsloth()
+        import unsloth  # noqa: F401
     import hf_ext.models  # noqa: F401
+
+
+def option_value(args: list[str], option: str) -> str | None:
+    """The value of ``option`` in ``args`` (``--task x`` or ``--task=x``), before any parsing."""
+    for index, arg in enumerate(args):
+        if arg == option and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def _resume_argument(value: str | None, output_dir: str) -> str | bool | None:
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)  # hf_ext's own results and summary; libraries stay at WARNING
     try:
-        apply_env(argv[0])
+        apply_env(argv[0], argv[1:])
         run(argv[0], argv[1:])
     except UserInputError as error:
         print(f"hf-ext: error: {error}", file=sys.stderr)

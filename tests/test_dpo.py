@@ -1,6 +1,8 @@
 import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -10,7 +12,7 @@ from hf_ext.data.pairs import NEGATIVE_KINDS, hard_negative, task_pairs, validat
 from hf_ext.data.tasks import TASKS
 from hf_ext.errors import UserInputError
 from hf_ext.recipe import parse_recipe
-from tests.conftest import REPO, SMOLLM2, run_cli
+from tests.conftest import REPO, SMOLLM2, cli_env, run_cli
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -114,12 +116,11 @@ def test_unsloth_backend_without_gpu_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_recipe_trains_with_loss_starting_at_log_2(tmp_path):
+def test_dpo_recipe_trains_with_loss_starting_at_log_2_and_reports_accuracy_before_and_after(tmp_path):
     out = tmp_path / "dpo"
     result = run_cli(
         "hf-ext", "train", "recipes/dpo.yaml", "--max_steps", "3", "--task_train_size", "24", "--task_eval_size", "8",
-        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_before_training", "false",
-        "--output_dir", str(out),
+        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--output_dir", str(out),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -128,6 +129,33 @@ def test_dpo_recipe_trains_with_loss_starting_at_log_2(tmp_path):
     assert metrics["loss_curve"]["loss"][0] == pytest.approx(math.log(2), abs=1e-5)
     card = (out / "README.md").read_text()
     assert "- dpo" in card and "trl.DPOTrainer" in card and (out / "adapter_model.safetensors").is_file()
+    # as the SFT recipe does: exact match on the held-out prompts before and after, printed and in the card
+    before, after = metrics["accuracy_before"], metrics["accuracy_after"]
+    assert before["num_examples"] == after["num_examples"] == 8
+    assert f"accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}" in result.stderr
+    assert f"| base model | {100 * before['accuracy']:.1f}% |" in card
+    assert f"| this model | {100 * after['accuracy']:.1f}% |" in card
+
+
+@pytest.mark.parametrize("command", [["hf-ext", "train"], [sys.executable, "-m", "hf_ext.train"]])
+def test_unsloth_is_imported_before_transformers_trl_and_peft(tmp_path, command):
+    """Unsloth patches transformers, TRL and PEFT when it is imported and asks to be imported first. No GPU here: a
+    stand-in `unsloth` records which of them were imported before it (then ends the run), and a sitecustomize makes
+    torch report a CUDA device."""
+    site = tmp_path / "site"
+    (site / "unsloth").mkdir(parents=True)
+    (site / "unsloth" / "__init__.py").write_text(
+        "import json, os, sys\n"
+        "json.dump([m for m in ('transformers', 'trl', 'peft') if m in sys.modules], open(os.environ['RECORD'], 'w'))\n"
+        "raise SystemExit(0)\n"
+    )
+    (site / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    record = tmp_path / "imported_before_unsloth.json"
+    env = dict(cli_env(), PYTHONPATH=str(site), RECORD=str(record))
+    result = subprocess.run([*command, "recipes/dpo.yaml", "--backend", "unsloth"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(record.read_text()) == []
 
 
 def test_unsloth_backend_loads_through_fast_language_model(monkeypatch):

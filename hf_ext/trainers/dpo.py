@@ -19,6 +19,7 @@ from datasets import DatasetDict
 from hf_ext.data.formats import FORMATS
 from hf_ext.data.pairs import task_pairs, validate_pair
 from hf_ext.data.sources import describe_source, load_splits
+from hf_ext.dependencies import check_unsloth
 from hf_ext.errors import UserInputError
 from hf_ext.trainers.base import TASK_EVAL_SPLIT, Stage, StageConfigMixin, StageTrainerMixin
 
@@ -42,18 +43,6 @@ class HfExtDPOConfig(StageConfigMixin, trl.DPOConfig):
         if self.backend == "unsloth":
             check_unsloth()
         super().__post_init__()
-
-
-def check_unsloth() -> None:
-    """Unsloth only runs on CUDA GPUs: say so at once instead of failing deep inside its import."""
-    import importlib.util
-
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserInputError("backend: unsloth needs a CUDA GPU and this machine has none; use backend: transformers")
-    if importlib.util.find_spec("unsloth") is None:
-        raise UserInputError("backend: unsloth is not installed; pip install 'hf_ext[unsloth]' or use backend: transformers")
 
 
 class HfExtDPOTrainer(StageTrainerMixin, trl.DPOTrainer):
