@@ -4,7 +4,7 @@
     hf-ext eval --model PATH[,PATH...] [--task NAME] [--judge PATH] [--num_examples N] ...
     hf-ext eval --task antibody_design --model PATH [--baseline FILE | --write_baseline FILE] ...
     hf-ext eval --task arc --model PATH [--subset NAME | --tasks_file FILE] [--num_votes N] [--ttt_steps N] ...
-    hf-ext data generate-sft|make-pairs|manifest|train-tokenizer ...
+    hf-ext data generate-sft|generate-instructions|make-pairs|manifest|train-tokenizer ...
     hf-ext pipeline PIPELINE.yaml   (recipes/pipelines/stage1.yaml, recipes/pipelines/blueprint.yaml)
     hf-ext push OUTPUT_DIR --repo-id USER/NAME [--private] [--revision BRANCH] [--commit-message TEXT]
     hf-ext card OUTPUT_DIR [--repo-id USER/NAME]
@@ -365,6 +365,25 @@ def data_command(args: list[str]) -> None:
     pairs.add_argument("--k", type=int, default=4, help="samples per prompt for best_of_n")
     pairs.add_argument("--judge", help="judge model (method judge, or best_of_n without a verifier)")
     pairs.add_argument("--data_format", choices=["prompt_completion", "messages", "instruction"], default="messages")
+    instructions = commands.add_parser(
+        "generate-instructions", help="open-ended instructions written by a base model, kept by a log-probability critic"
+    )
+    instructions.add_argument("--model", required=True, help="the base model that writes the instructions")
+    instructions.add_argument("--output", required=True, help="the .jsonl file to write (plus .manifest.json)")
+    instructions.add_argument("--num_instructions", type=int, default=200, help="attempts (the manifest counts the kept)")
+    instructions.add_argument("--categories", default="qa,completion,generation,creative,analytical",
+                              help="comma-separated categories, taken in turn")
+    instructions.add_argument("--critic", help="critic model (default: --model)")
+    instructions.add_argument("--critic_threshold", type=float, default=0.5,
+                              help="keep instructions whose critic P(yes), mean of both label orders, is at least this")
+    instructions.add_argument("--shots", type=int, default=3)
+    instructions.add_argument("--max_new_tokens", type=int, default=48)
+    instructions.add_argument("--temperature", type=float, default=0.9)
+    instructions.add_argument("--min_chars", type=int, default=12)
+    instructions.add_argument("--max_chars", type=int, default=300)
+    instructions.add_argument("--batch_size", type=int, default=16)
+    instructions.add_argument("--seed", type=int, default=0, help="sampling seed")
+    instructions.add_argument("--load_in_4bit", type=string_to_bool, nargs="?", const=True, default=False)
     vet = commands.add_parser("manifest", help="validate a data file of your own and write its QC manifest")
     vet.add_argument("path")
     tokenizer_parser = commands.add_parser(
@@ -387,6 +406,20 @@ def data_command(args: list[str]) -> None:
 
         tokenizer = train_corpus_tokenizer(options.output, options.vocab_size, options.corpus, options.model_type)
         print(f"{options.output}: {len(tokenizer)} tokens, trained on the {options.corpus} training documents")
+        return
+
+    if options.command == "generate-instructions":
+        from hf_ext.data.instructions import InstructionSettings, generate_instruction_file
+
+        settings = InstructionSettings(  # checked here, before any model loads
+            num_instructions=options.num_instructions, categories=tuple(filter(None, options.categories.split(","))),
+            shots=options.shots, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+            min_chars=options.min_chars, max_chars=options.max_chars, critic_threshold=options.critic_threshold,
+            batch_size=options.batch_size, seed=options.seed,
+        )
+        manifest = generate_instruction_file(options.model, options.output, settings, options.critic,
+                                             options.load_in_4bit)
+        print(f"{options.output}: {manifest['rows']} instructions; QC {json.dumps(manifest['qc'])}")
         return
 
     from hf_ext.data.tasks import TrainingPrompts

@@ -155,7 +155,7 @@ def test_launch_arguments_match_the_documented_accelerate_command():
 def test_help_is_printed_on_stdout_and_names_every_command():
     result = run_cli("hf-ext", "--help")
     assert result.returncode == 0 and "usage" not in result.stderr
-    for command in ("hf-ext train RECIPE.yaml", "hf-ext eval", "generate-sft|make-pairs|manifest|train-tokenizer",
+    for command in ("hf-ext train RECIPE.yaml", "hf-ext eval", "generate-sft|generate-instructions|make-pairs|manifest|train-tokenizer",
                     "hf-ext pipeline", "hf-ext train RECIPE.yaml --help"):
         assert command in result.stdout, command
     unknown = run_cli("hf-ext", "trian")

@@ -79,7 +79,7 @@ def clean_response(continuation: str, min_chars: int) -> tuple[str | None, str]:
     return response, "kept" if cut == end else "kept_cut_run_on"
 
 
-def _read_partial(path: Path) -> list[dict]:
+def read_partial(path: Path) -> list[dict]:
     """Complete lines of a partial file; a line cut by a crash is dropped (and redone)."""
     rows = []
     if path.exists():
@@ -100,7 +100,7 @@ def generate_sft_data(model, tokenizer, instructions: list[str], output: str | P
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
-    done = {row["index"]: row for row in _read_partial(partial)}
+    done = {row["index"]: row for row in read_partial(partial)}
     todo = [i for i in range(len(instructions)) if i not in done]
     with open(partial, "a") as handle:
         for start in range(0, len(todo), settings.batch_size):

@@ -51,7 +51,11 @@ class LogprobJudge:
         return ids[0]
 
     def _prompt_ids(self, prompt: str, a: str, b: str) -> list[int]:
-        question = QUESTION.format(prompt=prompt, a=a, b=b)
+        return self._question_ids(QUESTION.format(prompt=prompt, a=a, b=b))
+
+    def _question_ids(self, question: str) -> list[int]:
+        """`question` as the judge model reads it: a user turn of its chat template, or plain text ending in
+        `Answer:` for a model without one."""
         if self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
