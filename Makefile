@@ -15,7 +15,7 @@ LOWEST_STAMP := $(LOWEST_VENV)/.hf_ext-installed
 LOWEST_TESTS := tests/test_architecture_contract.py tests/test_dependencies.py tests/test_recipe.py tests/test_sdft.py \
 	tests/test_ttt_discover.py tests/test_hub.py tests/test_cards.py tests/test_clients.py tests/test_matrix.py \
 	"tests/test_cli.py::test_accelerate_launch_runs_the_main_job_and_writes_every_artifact" \
-	"tests/test_dpo.py::test_dpo_recipe_trains_with_loss_starting_at_log_2_and_reports_accuracy_before_and_after" \
+	"tests/test_dpo.py::test_dpo_recipe_trains_with_its_nll_term_and_reports_accuracy_before_and_after" \
 	"tests/test_pretrain.py::test_run_writes_a_loadable_mhc_model_with_validation_perplexity"
 
 .PHONY: install demo test test-lowest bench clean

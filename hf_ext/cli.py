@@ -2,6 +2,7 @@
 
     hf-ext train RECIPE.yaml [--key value ...] [-- ACCELERATE FLAGS ...]
     hf-ext eval --model PATH[,PATH...] [--task NAME] [--judge PATH] [--num_examples N] ...
+    hf-ext eval --model PATH,PATH[,...] --instructions FILE --judge PATH [--eval_size N] ...
     hf-ext eval --task antibody_design --model PATH [--baseline FILE | --write_baseline FILE] ...
     hf-ext eval --task arc --model PATH [--subset NAME | --tasks_file FILE] [--num_votes N] [--ttt_steps N] ...
     hf-ext data generate-sft|generate-instructions|make-pairs|manifest|train-tokenizer ...
@@ -138,7 +139,8 @@ def eval_command(args: list[str]) -> None:
         return arc_command(args)
     parser = argparse.ArgumentParser(
         prog="hf-ext eval",
-        description="Exact-match accuracy of one or more models on a verifiable task, one model in memory at a time. "
+        description="Exact-match accuracy of one or more models on a verifiable task, or with --instructions their "
+        "win rate against the first model on held-out open-ended instructions; one model in memory at a time. "
         "Defaults come from the recipe.yaml saved next to a trained model.",
     )
     parser.add_argument("--model", "--models", dest="model", required=True,
@@ -151,8 +153,13 @@ def eval_command(args: list[str]) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--load_in_4bit", type=string_to_bool, nargs="?", const=True, default=None)
     parser.add_argument("--judge", help="judge model for win rates of every model against the first one")
+    parser.add_argument("--instructions", help="open-ended: a file written by `hf-ext data generate-instructions`; "
+                        "its first --eval_size instructions (held out from the data tools) are answered and judged")
+    parser.add_argument("--eval_size", type=int, default=50, help="with --instructions: held-out instructions")
     parser.add_argument("--output", help="write the results as JSON to this file")
     options = parser.parse_args(args)
+    if options.instructions:
+        return open_ended_eval(options)
 
     from hf_ext.eval.accuracy import evaluate_models
     from hf_ext.recipe import task_evaluation
@@ -170,6 +177,32 @@ def eval_command(args: list[str]) -> None:
         judged = result.get("judge_vs_first")
         print(f"| {result['model']} | {result['accuracy']:.3f} | {judged['win_rate']:.3f} |" if judged else f"| {result['model']} | {result['accuracy']:.3f} | - |")
     print(f"peak RSS {summary['peak_rss_mb']:.0f} MB")
+    if options.output:
+        write_json_atomic(options.output, summary)
+
+
+def open_ended_eval(options) -> None:
+    """`hf-ext eval --instructions FILE`: win rates against the first model, with the judge's reliability."""
+    from hf_ext.data.instructions import InstructionPrompts
+    from hf_ext.eval.win_rate import evaluate_open_ended
+    from hf_ext.recipe import task_evaluation
+    from hf_ext.run_folder import write_json_atomic
+
+    if options.task:
+        raise UserInputError("eval: --task and --instructions exclude each other (a task is scored by exact match)")
+    references = [m.strip() for m in options.model.split(",") if m.strip()]
+    if not options.judge or len(references) < 2:
+        raise UserInputError("eval --instructions: open-ended answers have no verifier, so give --judge and at least two "
+                             "--model references (each is judged against the first)")
+    instructions = InstructionPrompts(options.instructions, eval_size=options.eval_size).held_out()
+    models = [(reference, task_evaluation(reference, data_format=options.data_format, load_in_4bit=options.load_in_4bit))
+              for reference in references]
+    summary = evaluate_open_ended(models, instructions, options.judge, options.batch_size, options.max_new_tokens)
+    print("\n| model | win rate vs first (judge) | judge decided | critic mean P(yes) | critic decided |\n|---|---|---|---|---|")
+    for result in summary["models"]:
+        judged, critic = result.get("judge_vs_first"), result["critic"]
+        won = f"{judged['win_rate']:.3f} | {judged['orders_agree']:.0%}" if judged else "- | -"
+        print(f"| {result['model']} | {won} | {critic['mean_score']:.3f} | {critic['orders_agree']:.0%} |")
     if options.output:
         write_json_atomic(options.output, summary)
 
@@ -336,14 +369,19 @@ def arc_command(args: list[str]) -> None:
 
 
 def data_command(args: list[str]) -> None:
+    from hf_ext.data.pairs import METHODS
+
     parser = argparse.ArgumentParser(prog="hf-ext data", description="Make and vet training data (each file gets a QC manifest).")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate-sft", help="SFT rows from a base model by few-shot completion")
-    pairs = commands.add_parser("make-pairs", help="preference pairs: hard_negatives, best_of_n or judge")
+    pairs = commands.add_parser("make-pairs", help="preference pairs: hard_negatives, on_policy, best_of_n or judge")
     for sub in (generate, pairs):
         sub.add_argument("--model", required=True, help="the model that writes the responses")
-        sub.add_argument("--task", required=True, help="verifiable task whose training prompts are used")
+        source = sub.add_mutually_exclusive_group(required=True)
+        source.add_argument("--task", help="verifiable task whose training prompts are used")
+        source.add_argument("--instructions",
+                            help="open-ended instructions: a .jsonl written by `hf-ext data generate-instructions`")
         sub.add_argument("--num_prompts", type=int, default=200)
         sub.add_argument("--output", required=True, help="the .jsonl file to write (plus .manifest.json)")
         sub.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -351,8 +389,9 @@ def data_command(args: list[str]) -> None:
                          help="task split seed: prompts come from the train split, never the held-out one (recipes' seed)")
         sub.add_argument("--offset", type=int, default=0,
                          help="skip this many train-split prompts (e.g. those another data step already used)")
-        sub.add_argument("--eval_size", type=int, default=200,
-                         help="size of the held-out split kept out of the data (recipes' task_eval_size)")
+        sub.add_argument("--eval_size", type=int, default=None,
+                         help="held-out prompts kept out of the data: the task's held-out split (recipes' "
+                              "task_eval_size, default 200), or the first instructions of the file (default 50)")
         sub.add_argument("--batch_size", type=int, default=16)
         sub.add_argument("--max_new_tokens", type=int, default=32)
         sub.add_argument("--temperature", type=float, default=None)
@@ -361,8 +400,14 @@ def data_command(args: list[str]) -> None:
     generate.add_argument("--min_response_chars", type=int, default=1)
     generate.add_argument("--keep_unverified", type=string_to_bool, nargs="?", const=True, default=False,
                           help="keep responses the task verifier rejects")
-    pairs.add_argument("--method", choices=["hard_negatives", "best_of_n", "judge"], default="best_of_n")
-    pairs.add_argument("--k", type=int, default=4, help="samples per prompt for best_of_n")
+    generate.add_argument("--critic", help="open-ended instructions: the critic model (default: --model)")
+    generate.add_argument("--critic_threshold", type=float, default=0.5,
+                          help="open-ended instructions: keep responses whose critic P(yes), mean of both label orders, "
+                               "is at least this")
+    pairs.add_argument("--method", choices=list(METHODS), default="best_of_n")
+    pairs.add_argument("--k", type=int, default=4, help="samples per prompt for on_policy and best_of_n")
+    pairs.add_argument("--min_pairs", type=int, default=1,
+                       help="fail (before any model loads, if the prompts cannot give this many) below this many pairs")
     pairs.add_argument("--judge", help="judge model (method judge, or best_of_n without a verifier)")
     pairs.add_argument("--data_format", choices=["prompt_completion", "messages", "instruction"], default="messages")
     instructions = commands.add_parser(
@@ -422,28 +467,39 @@ def data_command(args: list[str]) -> None:
         print(f"{options.output}: {manifest['rows']} instructions; QC {json.dumps(manifest['qc'])}")
         return
 
-    from hf_ext.data.tasks import TrainingPrompts
+    if options.task:
+        from hf_ext.data.tasks import TrainingPrompts
 
-    prompts = TrainingPrompts(options.task, options.num_prompts, options.offset, options.eval_size, options.split_seed)
+        prompts = TrainingPrompts(options.task, options.num_prompts, options.offset, options.eval_size or 200,
+                                  options.split_seed)
+    else:
+        from hf_ext.data.instructions import InstructionPrompts
+
+        prompts = InstructionPrompts(options.instructions, options.num_prompts, options.offset,
+                                     50 if options.eval_size is None else options.eval_size)
     if options.command == "generate-sft":
-        from hf_ext.data.fewshot import GenerationSettings, generate_task_sft_data
+        from hf_ext.data.fewshot import GenerationSettings, generate_open_ended_sft_data, generate_task_sft_data
 
-        settings = GenerationSettings(
+        settings = GenerationSettings(  # checked here, before any model loads
             shots=options.shots, max_new_tokens=options.max_new_tokens, temperature=options.temperature or 0.0,
             min_response_chars=options.min_response_chars, keep_unverified=options.keep_unverified,
-            batch_size=options.batch_size, seed=options.seed,
+            critic_threshold=options.critic_threshold, batch_size=options.batch_size, seed=options.seed,
         )
-        manifest = generate_task_sft_data(options.model, prompts, options.output, settings, options.load_in_4bit)
+        if options.task:
+            manifest = generate_task_sft_data(options.model, prompts, options.output, settings, options.load_in_4bit)
+        else:
+            manifest = generate_open_ended_sft_data(options.model, prompts, options.output, settings, options.critic,
+                                                    options.load_in_4bit)
         print(f"{options.output}: {manifest['rows']} rows; QC {json.dumps(manifest['qc'])}")
         return
 
-    from hf_ext.data.pairs import make_task_pairs
+    from hf_ext.data.pairs import make_pairs
 
-    manifest = make_task_pairs(
+    manifest = make_pairs(
         options.model, prompts, options.output, options.method, options.data_format, k=options.k, judge=options.judge,
         temperature=options.temperature if options.temperature is not None else 0.8,
         max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, seed=options.seed,
-        load_in_4bit=options.load_in_4bit,
+        min_pairs=options.min_pairs, load_in_4bit=options.load_in_4bit,
     )
     print(f"{options.output}: {manifest['rows']} pairs; QC {json.dumps(manifest['qc'])}")
 

@@ -3,7 +3,8 @@
 A pipeline file has one of two forms:
 
 - the stage-1 pipeline (top-level keys `generate_sft`, `sft`, `make_pairs`, `dpo`, `evaluate`): generate SFT data ->
-  SFT -> preference pairs -> DPO -> sequential evaluation (`recipes/pipelines/stage1.yaml`);
+  SFT -> preference pairs -> DPO -> sequential evaluation, on a verifiable `task` (`recipes/pipelines/stage1.yaml`),
+  or open-ended, starting with `generate_instructions` (`recipes/pipelines/stage1_open_ended.yaml`);
 - a training chain (top-level key `steps`: an ordered mapping of step name -> recipe and its keys), each step
   training from the previous step's model (`recipes/pipelines/blueprint.yaml`: pretrain -> SDFT -> TTT-Discover).
 
@@ -28,9 +29,9 @@ from pathlib import Path
 from hf_ext.errors import UserInputError
 
 STEPS = ("generate_sft", "sft", "make_pairs", "dpo", "evaluate")
-TOP_LEVEL = ("output_dir", "model_name_or_path", "base_model_id", "task", "data_format", *STEPS)
+TOP_LEVEL = ("output_dir", "model_name_or_path", "base_model_id", "task", "data_format", "generate_instructions", *STEPS)
 # Arguments of the step functions that the pipeline sets itself (models, task, files), never a step's keys.
-PIPELINE_OWNED = ("model", "models", "reference", "prompts", "output", "settings", "task")
+PIPELINE_OWNED = ("model", "models", "reference", "prompts", "output", "settings", "task", "path", "instructions")
 
 
 def _parameter_names(target) -> list[str]:
@@ -45,27 +46,31 @@ def _split_keys(source: str, step: str, options: dict, *targets) -> list[dict]:
     parts, left = [], dict(options)
     for target in targets:
         names = _parameter_names(target)
-        parts.append({key: left.pop(key) for key in list(left) if key in names})
+        parts.append({key: left.pop(key) for key in list(left) if key in names and key not in PIPELINE_OWNED})
     owned = [key for key in PIPELINE_OWNED if key in options]
     if left or owned:
         valid = sorted({name for target in targets for name in _parameter_names(target)} - set(PIPELINE_OWNED))
         raise UserInputError(
-            f"{source}: step '{step}': key(s) {', '.join([*left, *owned])} not accepted here (the pipeline sets the "
-            f"models, task and files); valid: {', '.join(valid)}"
+            f"{source}: step '{step}': key(s) {', '.join(dict.fromkeys([*left, *owned]))} not accepted here (the "
+            f"pipeline sets the models, task and files); valid: {', '.join(valid)}"
         )
     return parts
 
 
 def run_pipeline(path: str | Path) -> dict:
-    from hf_ext.data.fewshot import GenerationSettings, generate_task_sft_data
+    """Run a pipeline file: a training chain (`steps:`), or the stage-1 pipeline on a verifiable `task`, or, with
+    `generate_instructions:` instead of a task, the open-ended stage-1 pipeline (instructions written by the base
+    model, responses and pairs kept by the critic and the judge, evaluation by win rate)."""
+    from hf_ext.data.fewshot import GenerationSettings, generate_open_ended_sft_data, generate_task_sft_data
+    from hf_ext.data.instructions import InstructionPrompts, InstructionSettings, generate_instruction_file
     from hf_ext.data.manifest import verify_manifest
-    from hf_ext.data.pairs import make_task_pairs
+    from hf_ext.data.pairs import make_pairs
     from hf_ext.data.tasks import TrainingPrompts
     from hf_ext.eval.accuracy import evaluate_models
+    from hf_ext.eval.win_rate import evaluate_open_ended
     from hf_ext.loading import release_memory
     from hf_ext.recipe import task_evaluation
-    from hf_ext.run_folder import read_yaml_mapping
-    from hf_ext.run_folder import RunFolder, write_json_atomic
+    from hf_ext.run_folder import RunFolder, read_yaml_mapping, write_json_atomic
 
     config = read_yaml_mapping(path)
     if "steps" in config:
@@ -73,12 +78,17 @@ def run_pipeline(path: str | Path) -> dict:
     unknown = [key for key in config if key not in TOP_LEVEL]
     if unknown:
         raise UserInputError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(TOP_LEVEL)}")
-    for key in ("output_dir", "model_name_or_path", "task"):
+    for key in ("output_dir", "model_name_or_path"):
         if not config.get(key):
             raise UserInputError(f"{path}: missing key '{key}'")
+    open_ended = "generate_instructions" in config
+    if open_ended == bool(config.get("task")):
+        raise UserInputError(f"{path}: give either 'task' (a verifiable task) or 'generate_instructions' (open-ended "
+                             "instructions written by the base model), not {}".format("both" if open_ended else "neither"))
     root = Path(config["output_dir"])
-    base, task, data_format = config["model_name_or_path"], config["task"], config.get("data_format", "instruction")
-    steps = {name: dict(config.get(name) or {}) for name in STEPS}
+    base, task, data_format = config["model_name_or_path"], config.get("task"), config.get("data_format", "instruction")
+    steps = {name: dict(config.get(name) or {}) for name in ("generate_instructions", *STEPS)}
+    instructions = root / "generate_instructions" / "instructions.jsonl"
     sft_data, pairs = root / "generate_sft" / "sft.jsonl", root / "make_pairs" / "pairs.jsonl"
     sft_dir, dpo_dir, results = root / "sft", root / "dpo", root / "evaluate" / "results.json"
 
@@ -90,22 +100,46 @@ def run_pipeline(path: str | Path) -> dict:
             return False
 
     # Every step's keys are checked before the first step runs.
-    generation_keys = _split_keys(
-        str(path), "generate_sft", steps["generate_sft"], TrainingPrompts, GenerationSettings, generate_task_sft_data
-    )
-    pair_keys = _split_keys(str(path), "make_pairs", steps["make_pairs"], TrainingPrompts, make_task_pairs)
-    evaluation_keys = _split_keys(str(path), "evaluate", steps["evaluate"], task_evaluation, evaluate_models)
+    if open_ended:
+        instruction_keys = _split_keys(str(path), "generate_instructions", steps["generate_instructions"],
+                                       InstructionSettings, generate_instruction_file)
+        generation_keys = _split_keys(str(path), "generate_sft", steps["generate_sft"], InstructionPrompts,
+                                      GenerationSettings, generate_open_ended_sft_data)
+        pair_keys = _split_keys(str(path), "make_pairs", steps["make_pairs"], InstructionPrompts, make_pairs)
+        evaluation_keys = _split_keys(str(path), "evaluate", steps["evaluate"], InstructionPrompts, evaluate_open_ended)
+        InstructionSettings(**instruction_keys[0])  # a bad category or threshold fails now
+        held_out = {step: keys[0].get("eval_size", InstructionPrompts.eval_size)
+                    for step, keys in (("generate_sft", generation_keys), ("make_pairs", pair_keys),
+                                       ("evaluate", evaluation_keys))}
+        if len(set(held_out.values())) > 1:
+            raise UserInputError(f"{path}: eval_size (the held-out instructions) differs between steps: "
+                                 f"{', '.join(f'{step} {size}' for step, size in held_out.items())}; give every step "
+                                 "the same, or the data steps may train on what evaluate scores")
+        prompts_for = lambda keys: InstructionPrompts(str(instructions), **keys)  # noqa: E731
+    else:
+        generation_keys = _split_keys(str(path), "generate_sft", steps["generate_sft"], TrainingPrompts,
+                                      GenerationSettings, generate_task_sft_data)
+        pair_keys = _split_keys(str(path), "make_pairs", steps["make_pairs"], TrainingPrompts, make_pairs)
+        evaluation_keys = _split_keys(str(path), "evaluate", steps["evaluate"], task_evaluation, evaluate_models)
+        prompts_for = lambda keys: TrainingPrompts(task, **keys)  # noqa: E731
+    GenerationSettings(**generation_keys[1])
     for step in ("sft", "dpo"):
         if "recipe" not in steps[step]:
             raise UserInputError(f"{path}: step '{step}': missing key 'recipe' (e.g. recipes/{step}.yaml)")
 
+    def generate_instructions() -> None:
+        settings, rest = instruction_keys
+        generate_instruction_file(base, instructions, InstructionSettings(**settings), **rest)
+
     def generate_sft() -> None:
         prompt_keys, settings, rest = generation_keys
-        generate_task_sft_data(base, TrainingPrompts(task, **prompt_keys), sft_data, GenerationSettings(**settings), **rest)
+        generate = generate_open_ended_sft_data if open_ended else generate_task_sft_data
+        generate(base, prompts_for(prompt_keys), sft_data, GenerationSettings(**settings), **rest)
 
-    def make_pairs() -> None:
+    def make_preference_pairs() -> None:
         prompt_keys, rest = pair_keys
-        make_task_pairs(str(sft_dir), TrainingPrompts(task, **prompt_keys), pairs, **{"data_format": data_format, **rest})
+        defaults = {"data_format": data_format, **({"judge": base} if open_ended else {})}
+        make_pairs(str(sft_dir), prompts_for(prompt_keys), pairs, **{**defaults, **rest})
 
     def training_step(step: str, folder: Path, model: str, data: Path) -> TrainingStep:
         options = dict(steps[step])
@@ -122,16 +156,23 @@ def run_pipeline(path: str | Path) -> dict:
         check_training_step(path, step)
 
     def evaluate() -> None:
-        settings, rest = evaluation_keys
-        models = [(str(reference), task_evaluation(str(reference), **{"data_format": data_format, **settings}, task=task))
-                  for reference in (base, sft_dir, dpo_dir)]
-        summary = evaluate_models(models, **{"judge": base, **rest})
+        if open_ended:
+            prompt_keys, rest = evaluation_keys
+            models = [(str(reference), task_evaluation(str(reference), data_format=data_format))
+                      for reference in (base, sft_dir, dpo_dir)]
+            summary = evaluate_open_ended(models, prompts_for(prompt_keys).held_out(), **{"judge": base, **rest})
+        else:
+            settings, rest = evaluation_keys
+            models = [(str(reference), task_evaluation(str(reference), **{"data_format": data_format, **settings}, task=task))
+                      for reference in (base, sft_dir, dpo_dir)]
+            summary = evaluate_models(models, **{"judge": base, **rest})
         write_json_atomic(results, summary)
 
     plan = [
+        *([("generate_instructions", lambda: verified(instructions), generate_instructions)] if open_ended else []),
         ("generate_sft", lambda: verified(sft_data), generate_sft),
         ("sft", lambda: RunFolder(sft_dir).is_finished(), lambda: train_step(path, sft_step)),
-        ("make_pairs", lambda: verified(pairs), make_pairs),
+        ("make_pairs", lambda: verified(pairs), make_preference_pairs),
         ("dpo", lambda: RunFolder(dpo_dir).is_finished(), lambda: train_step(path, dpo_step)),
         ("evaluate", lambda: results.is_file(), evaluate),
     ]
@@ -148,17 +189,34 @@ def run_pipeline(path: str | Path) -> dict:
         release_memory()
         report["steps"][name] = {"status": "ran", "seconds": round(time.time() - start, 1)}
     summary = json.loads(results.read_text())
-    report["table"] = [
-        {"model": label, "accuracy": m["accuracy"], "win_rate_vs_base": (m.get("judge_vs_first") or {}).get("win_rate")}
-        for label, m in zip(("base", "sft", "dpo"), summary["models"])
-    ]
+    report["table"] = [summary_row(label, m) for label, m in zip(("base", "sft", "dpo"), summary["models"])]
     report["peak_rss_mb_of_evaluation"] = summary["peak_rss_mb"]
     write_json_atomic(root / "pipeline.json", report)
-    print("\n| model | accuracy | win rate vs base (judge) |\n|---|---|---|")
-    for row in report["table"]:
-        win = "-" if row["win_rate_vs_base"] is None else f"{row['win_rate_vs_base']:.3f}"
-        print(f"| {row['model']} | {row['accuracy']:.3f} | {win} |")
+    print("\n" + summary_table(report["table"]))
     return report
+
+
+def summary_row(label: str, result: dict) -> dict:
+    """One model's line of the stage-1 table: exact match (a task), or the critic's mean score (open-ended), and the
+    judge's win rate against the base model with the share of comparisons it decided."""
+    judged = result.get("judge_vs_first") or {}
+    row = {"model": label, "win_rate_vs_base": judged.get("win_rate"), "judge_decided": judged.get("orders_agree")}
+    if "accuracy" in result:
+        return {"model": label, "accuracy": result["accuracy"], **row}
+    return {**row, "critic_mean_score": result["critic"]["mean_score"], "critic_decided": result["critic"]["orders_agree"]}
+
+
+def summary_table(rows: list[dict]) -> str:
+    number = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+    if "accuracy" in rows[0]:
+        lines = ["| model | accuracy | win rate vs base (judge) |", "|---|---|---|"]
+        lines += [f"| {r['model']} | {r['accuracy']:.3f} | {number(r['win_rate_vs_base'], '.3f')} |" for r in rows]
+    else:
+        lines = ["| model | win rate vs base (judge) | judge decided | critic mean P(yes) | critic decided |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {number(r['win_rate_vs_base'], '.3f')} | {number(r['judge_decided'], '.0%')} | "
+                  f"{r['critic_mean_score']:.3f} | {r['critic_decided']:.0%} |" for r in rows]
+    return "\n".join(lines)
 
 
 CHAIN_TOP_LEVEL = ("output_dir", "steps")

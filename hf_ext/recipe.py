@@ -57,6 +57,11 @@ class ScriptArguments(TrlScriptArguments):
     corpus_validation_fraction: float = field(default=0.05, metadata={"help": "Held-out documents of the corpus."})
     task_train_size: int = field(default=2000, metadata={"help": "Generated training examples of `task`."})
     task_eval_size: int = field(default=200, metadata={"help": "Generated held-out examples of `task`."})
+    task_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the task's train / held-out split (default: `seed`). Set it to vary `seed` across "
+                          "runs that must be scored on the same held-out examples (and never train on them)."},
+    )
     data_format: str = field(
         default="auto",
         metadata={
@@ -384,11 +389,14 @@ def task_evaluation(
         return saved.setting(key) if saved is not None else default
 
     defaults = ScriptArguments()
+    split_seed = setting("task_seed", seed, None)
+    if split_seed is None:
+        split_seed = setting("seed", None, TrainingArguments.seed)
     return TaskEvaluation(
         task=setting("task", task, None),
         train_size=setting("task_train_size", None, defaults.task_train_size),
         eval_size=setting("task_eval_size", None, defaults.task_eval_size),
-        seed=setting("seed", seed, TrainingArguments.seed),
+        seed=split_seed,
         data_format=setting("data_format", data_format, defaults.data_format),
         load_in_4bit=setting("load_in_4bit", load_in_4bit, ModelArguments.load_in_4bit),
         dtype=setting("dtype", None, ModelArguments.dtype),

@@ -77,7 +77,9 @@ RUNS = sorted((cell for cell, entry in MATRIX.items() if not entry.startswith("n
 SMALL_TASK = ["--task_train_size", "16", "--task_eval_size", "4", "--eval_batch_size", "4", "--eval_max_new_tokens", "4"]
 FINE_TUNING_OVERRIDES = {
     "sft": ["--data_format", "instruction", "--per_device_train_batch_size", "4", *SMALL_TASK],
-    "dpo": ["--data_format", "instruction", "--per_device_train_batch_size", "4", "--max_length", "64", *SMALL_TASK],
+    # The sigmoid term alone (the recipe adds an NLL term), whose value at step 1 is exactly log 2.
+    "dpo": ["--data_format", "instruction", "--per_device_train_batch_size", "4", "--max_length", "64",
+            "--loss_type", "sigmoid", "--loss_weights", "null", *SMALL_TASK],
     # Completions longer than the 3 tokens SDFT leaves out of its loss, so that every step trains.
     "sdft": ["--data_format", "prompt_completion", "--per_device_train_batch_size", "2", "--warmup_steps", "0",
              "--max_completion_length", "6", *SMALL_TASK],

@@ -4,7 +4,9 @@ Each prompt is a few solved examples followed by a new instruction, all in the e
 trains on (`Instruction: ...\\nResponse: ...\\nEND`, see `hf_ext.data.formats.Instruction`), with no chat template
 and no special tokens. The examples are drawn per prompt from a pool that spans several categories. The model's
 continuation is cut at `END` or where it runs on into a new `Instruction:`; a continuation that never stops or is
-too short is rejected, and with a verifiable task so is a wrong one.
+too short is rejected; with a verifiable task so is a wrong one, and for open-ended instructions (a file written by
+`hf-ext data generate-instructions`) so is one the log-probability critic (`hf_ext.eval.critic`) scores below its
+threshold. Open-ended instructions are shown open-ended examples (`OPEN_ENDED_POOL`) instead of short answers.
 
 Rows are appended to `<output>.partial` (one JSON line per processed instruction, kept or not) as they are made, so
 an interrupted run resumes where it stopped; the final file and its QC manifest are written only at the end, so a
@@ -13,15 +15,14 @@ partial file is never trained on.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from hf_ext.data.formats import Instruction
-from hf_ext.data.manifest import write_data_file
+from hf_ext.data.instructions import InstructionPrompts
+from hf_ext.data.manifest import partial_path, resumable_attempts, write_data_file
 from hf_ext.data.tasks import TrainingPrompts
 
 # (category, instruction, response): solved examples shown to the base model, checked by hand.
@@ -39,6 +40,26 @@ FEW_SHOT_POOL = [
     ("facts", "How many days are in a week?", "7"),
     ("facts", "What do bees make?", "Honey"),
 ]
+# The same for open-ended instructions, one category of `hf_ext.data.instructions.CATEGORIES` each; short answers, so
+# that a small model's continuation ends within a few dozen tokens.
+OPEN_ENDED_POOL = [
+    ("qa", "Why does the sky look blue during the day?",
+     "Air scatters blue sunlight much more than red light, so blue light reaches our eyes from every direction."),
+    ("qa", "How many bones are there in an adult human body?", "An adult human body has 206 bones."),
+    ("completion", "Finish this proverb: A journey of a thousand miles", "A journey of a thousand miles begins with a single step."),
+    ("completion", "Complete the analogy: Bird is to nest as bee is to", "Bird is to nest as bee is to hive."),
+    ("generation", "List three tips for keeping a houseplant healthy.",
+     "1. Water it only when the top of the soil is dry. 2. Give it bright, indirect light. 3. Feed it once a month in spring and summer."),
+    ("generation", "Write a one-sentence summary of what a compiler does.",
+     "A compiler translates a program written in one language into another, usually machine code, so it can run."),
+    ("creative", "Invent a name for a bakery that only sells bread made with honey.", "The Golden Crust"),
+    ("creative", "Write the opening line of a mystery story set on a train.",
+     "When the night train left Vienna, there were nine passengers in the sleeping car; by dawn there were eight."),
+    ("analytical", "Explain which is larger, 2 to the power of 10 or 10 to the power of 3, and why.",
+     "2 to the power of 10 is 1024 and 10 to the power of 3 is 1000, so 2 to the power of 10 is larger, by 24."),
+    ("analytical", "A shop sells pens at 3 for 2 dollars. How much do 12 pens cost? Explain your steps.",
+     "12 pens are 4 groups of 3 pens, and each group costs 2 dollars, so 12 pens cost 4 x 2 = 8 dollars."),
+]
 
 
 @dataclass(frozen=True)
@@ -48,14 +69,20 @@ class GenerationSettings:
     temperature: float = 0.0
     min_response_chars: int = 1
     keep_unverified: bool = False
+    critic_threshold: float = 0.5  # open-ended instructions: keep responses the critic gives at least this P(yes)
     batch_size: int = 16
     seed: int = 0
 
+    def __post_init__(self):
+        from hf_ext.eval.critic import check_threshold
 
-def few_shot_prompt(instruction: str, rng: random.Random, shots: int) -> str:
-    """`shots` solved examples from different categories (as far as the pool allows), then `instruction`."""
+        check_threshold(self.critic_threshold)
+
+
+def few_shot_prompt(instruction: str, rng: random.Random, shots: int, pool=FEW_SHOT_POOL) -> str:
+    """`shots` solved examples of `pool` from different categories (as far as it allows), then `instruction`."""
     by_category: dict[str, list[tuple[str, str]]] = {}
-    for category, question, answer in FEW_SHOT_POOL:
+    for category, question, answer in pool:
         if question != instruction:
             by_category.setdefault(category, []).append((question, answer))
     categories = rng.sample(sorted(by_category), k=min(shots, len(by_category)))
@@ -79,52 +106,40 @@ def clean_response(continuation: str, min_chars: int) -> tuple[str | None, str]:
     return response, "kept" if cut == end else "kept_cut_run_on"
 
 
-def read_partial(path: Path) -> list[dict]:
-    """Complete lines of a partial file; a line cut by a crash is dropped (and redone)."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
-
-
 def generate_sft_data(model, tokenizer, instructions: list[str], output: str | Path, settings: GenerationSettings,
-                      answers: list[str] | None = None, verify=None, source_model: str | None = None) -> dict:
-    """Write the kept (instruction, response) rows to `output` (JSONL) with a QC manifest; returns the manifest."""
+                      answers: list[str] | None = None, verify=None, critic=None, source_model: str | None = None,
+                      critic_model: str | None = None) -> dict:
+    """Write the kept (instruction, response) rows to `output` (JSONL) with a QC manifest; returns the manifest.
+    Responses are checked by `verify` (a task's verifier, against `answers`) or scored by `critic` (a
+    `LogprobCritic`; open-ended instructions, shown `OPEN_ENDED_POOL` examples), or only by the format filters."""
+    from hf_ext.eval.critic import CriticScore, reliability
     from hf_ext.generation import generate
 
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    done = {row["index"]: row for row in read_partial(partial)}
-    todo = [i for i in range(len(instructions)) if i not in done]
-    with open(partial, "a") as handle:
-        for start in range(0, len(todo), settings.batch_size):
-            batch = todo[start : start + settings.batch_size]
-            prompts = [few_shot_prompt(instructions[i], random.Random(f"{settings.seed}-{i}"), settings.shots) for i in batch]
-            encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            continuations = generate(
-                model, tokenizer, encoded, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
-                temperature=settings.temperature, seed=settings.seed + start, desc=f"Generating SFT data {start}/{len(todo)}",
-            )
-            for i, (continuation,) in zip(batch, continuations):
-                response, status = clean_response(continuation, settings.min_response_chars)
-                verified = None
-                if response is not None and verify is not None:
-                    verified = bool(verify(response, answers[i]))
-                    if not verified and not settings.keep_unverified:
-                        status = "rejected_wrong"
-                row = {"index": i, "status": status, "instruction": instructions[i], "response": response, "verified": verified}
-                handle.write(json.dumps(row) + "\n")
-                done[i] = row
-            handle.flush()
-            os.fsync(handle.fileno())
+    pool = OPEN_ENDED_POOL if critic is not None else FEW_SHOT_POOL
 
-    rows = [done[i] for i in range(len(instructions))]
+    def attempt_batch(batch: list[int], start: int, to_do: int) -> list[dict]:
+        prompts = [few_shot_prompt(instructions[i], random.Random(f"{settings.seed}-{i}"), settings.shots, pool)
+                   for i in batch]
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        continuations = generate(
+            model, tokenizer, encoded, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature, seed=settings.seed + start, desc=f"Generating SFT data {start}/{to_do}",
+        )
+        rows = []
+        for i, (continuation,) in zip(batch, continuations):
+            response, status = clean_response(continuation, settings.min_response_chars)
+            verified = None
+            if response is not None and verify is not None:
+                verified = bool(verify(response, answers[i]))
+                if not verified and not settings.keep_unverified:
+                    status = "rejected_wrong"
+            rows.append({"index": i, "status": status, "instruction": instructions[i], "response": response,
+                         "verified": verified, "critic": None})
+        if critic is not None:
+            critic.filter(rows, settings.critic_threshold)
+        return rows
+
+    rows = resumable_attempts(output, len(instructions), settings.batch_size, attempt_batch)
     kept = [r for r in rows if r["status"].startswith("kept")]
     statuses = Counter(r["status"] for r in rows)
     checked = [r["verified"] for r in rows if r["verified"] is not None]
@@ -136,12 +151,17 @@ def generate_sft_data(model, tokenizer, instructions: list[str], output: str | P
         "mean_response_chars": sum(len(r["response"]) for r in kept) / len(kept) if kept else 0.0,
         "duplicate_instructions": len(kept) - len({r["instruction"] for r in kept}),
     }
+    if critic is not None:
+        scores = [CriticScore(*r["critic"]) for r in rows if r.get("critic")]
+        qc["critic"] = {"model": critic_model, "threshold": settings.critic_threshold,
+                        **reliability(scores, settings.critic_threshold)}
     manifest = write_data_file(
         output, [{"instruction": r["instruction"], "response": r["response"]} for r in kept],
         generator="hf_ext.data.fewshot", qc=qc, source_model=source_model,
-        parameters={**settings.__dict__, "format": "instruction"},
+        parameters={**settings.__dict__, "format": "instruction",
+                    "checked_by": "critic" if critic is not None else "verifier" if verify is not None else "filters"},
     )
-    partial.unlink()
+    partial_path(output).unlink()
     return manifest
 
 
@@ -156,3 +176,20 @@ def generate_task_sft_data(model: str, prompts: TrainingPrompts, output: str | P
     loaded = load_model(ModelArguments(model_name_or_path=model, load_in_4bit=load_in_4bit))
     return generate_sft_data(loaded, load_tokenizer(model), list(rows["prompt"]), output, settings,
                              answers=list(rows["answer"]), verify=TASKS[prompts.task].verify, source_model=model)
+
+
+def generate_open_ended_sft_data(model: str, prompts: InstructionPrompts, output: str | Path,
+                                 settings: GenerationSettings, critic_model: str | None = None,
+                                 load_in_4bit: bool = False) -> dict:
+    """`hf-ext data generate-sft --instructions FILE`: load `model` (and the critic, by default the same model) and
+    write SFT rows for the file's training instructions, responses kept by the critic; returns the manifest."""
+    from hf_ext.eval.critic import load_critic
+    from hf_ext.loading import ModelArguments, load_model, load_tokenizer
+
+    instructions = list(prompts.rows()["prompt"])  # a file without its manifest fails here, before any model loads
+    loaded = load_model(ModelArguments(model_name_or_path=model, load_in_4bit=load_in_4bit))
+    tokenizer = load_tokenizer(model)
+    critic_model = critic_model or model
+    critic = load_critic(critic_model, settings.batch_size, (model, loaded, tokenizer))
+    return generate_sft_data(loaded, tokenizer, instructions, output, settings, critic=critic, source_model=model,
+                             critic_model=critic_model)

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from hf_ext.data.fewshot import read_partial
-from hf_ext.data.manifest import write_data_file
+from hf_ext.data.manifest import partial_path, read_partial, resumable_attempts, write_data_file
 from hf_ext.errors import UserInputError
 
 logger = logging.getLogger("hf_ext")
@@ -125,48 +123,32 @@ def generate_instructions(model, tokenizer, output: str | Path, settings: Instru
     from hf_ext.eval.critic import CriticScore, reliability
     from hf_ext.generation import generate
 
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    done = {row["index"]: row for row in read_partial(partial)}
-    todo = [i for i in range(settings.num_instructions) if i not in done]
     categories = list(settings.categories)
     seen = {_normalized(e) for c in categories for e in CATEGORIES[c]} | {
-        _normalized(r["instruction"]) for r in done.values() if r["status"] == "kept"}
-    with open(partial, "a") as handle:
-        for start in range(0, len(todo), settings.batch_size):
-            batch = todo[start : start + settings.batch_size]
-            category_of = {i: categories[i % len(categories)] for i in batch}
-            prompts = [instruction_prompt(category_of[i], random.Random(f"{settings.seed}-{i}"), settings.shots)
-                       for i in batch]
-            encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            continuations = generate(
-                model, tokenizer, encoded, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
-                temperature=settings.temperature, seed=settings.seed + start,
-                desc=f"Generating instructions {start}/{len(todo)}",
-            )
-            rows = []
-            for i, (continuation,) in zip(batch, continuations):
-                text, status = clean_instruction(continuation, settings)
-                if text is not None:
-                    key = _normalized(text)
-                    status = "rejected_duplicate" if key in seen else status
-                    seen.add(key)
-                rows.append({"index": i, "category": category_of[i], "instruction": text, "status": status,
-                             "critic": None})
-            candidates = [row for row in rows if row["status"] == "kept"]
-            if critic is not None and candidates:
-                for row, verdict in zip(candidates, critic.score([r["instruction"] for r in candidates])):
-                    row["critic"] = [verdict.score, verdict.yes_as_a, verdict.yes_as_b]
-                    if verdict.score < settings.critic_threshold:
-                        row["status"] = "rejected_critic"
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
-                done[row["index"]] = row
-            handle.flush()
-            os.fsync(handle.fileno())
+        _normalized(r["instruction"]) for r in read_partial(partial_path(output)) if r["status"] == "kept"}
 
-    rows = [done[i] for i in range(settings.num_instructions)]
+    def attempt_batch(batch: list[int], start: int, to_do: int) -> list[dict]:
+        category_of = {i: categories[i % len(categories)] for i in batch}
+        prompts = [instruction_prompt(category_of[i], random.Random(f"{settings.seed}-{i}"), settings.shots)
+                   for i in batch]
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        continuations = generate(
+            model, tokenizer, encoded, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature, seed=settings.seed + start, desc=f"Generating instructions {start}/{to_do}",
+        )
+        rows = []
+        for i, (continuation,) in zip(batch, continuations):
+            text, status = clean_instruction(continuation, settings)
+            if text is not None:
+                key = _normalized(text)
+                status = "rejected_duplicate" if key in seen else status
+                seen.add(key)
+            rows.append({"index": i, "category": category_of[i], "instruction": text, "status": status, "critic": None})
+        if critic is not None:
+            critic.filter(rows, settings.critic_threshold)
+        return rows
+
+    rows = resumable_attempts(output, settings.num_instructions, settings.batch_size, attempt_batch)
     kept = [r for r in rows if r["status"] == "kept"]
     scores = {r["index"]: CriticScore(*r["critic"]) for r in rows if r["critic"] is not None}
     qc = {
@@ -193,7 +175,7 @@ def generate_instructions(model, tokenizer, output: str | Path, settings: Instru
         generator="hf_ext.data.instructions", qc=qc, source_model=source_model,
         parameters={**settings.__dict__, "categories": categories},
     )
-    partial.unlink()
+    partial_path(output).unlink()
     return manifest
 
 
@@ -201,16 +183,60 @@ def generate_instruction_file(model: str, output: str | Path, settings: Instruct
                               critic_model: str | None = None, load_in_4bit: bool = False) -> dict:
     """`hf-ext data generate-instructions`: load `model` (and the critic, by default the same model) and write the
     instructions; returns the manifest."""
-    from hf_ext.eval.critic import LogprobCritic
+    from hf_ext.eval.critic import load_critic
     from hf_ext.loading import ModelArguments, load_model, load_tokenizer
 
     loaded = load_model(ModelArguments(model_name_or_path=model, load_in_4bit=load_in_4bit))
     tokenizer = load_tokenizer(model)
     critic_model = critic_model or model
-    if critic_model == model:
-        critic = LogprobCritic(loaded, tokenizer, settings.batch_size)
-    else:
-        critic = LogprobCritic(load_model(ModelArguments(model_name_or_path=critic_model)), load_tokenizer(critic_model),
-                               settings.batch_size)
+    critic = load_critic(critic_model, settings.batch_size, (model, loaded, tokenizer))
     return generate_instructions(loaded, tokenizer, output, settings, critic=critic, source_model=model,
                                  critic_model=critic_model)
+
+
+@dataclass(frozen=True)
+class InstructionPrompts:
+    """Which instructions of a file written by `hf-ext data generate-instructions` a data tool uses: `num_prompts`
+    after skipping `offset` (those another data step used), never the first `eval_size`, which are held out for
+    `hf-ext eval --instructions` (the open-ended counterpart of `hf_ext.data.tasks.TrainingPrompts`)."""
+
+    path: str
+    num_prompts: int = 200
+    offset: int = 0
+    eval_size: int = 50
+    task = None  # open-ended: no verifier
+
+    def instructions(self) -> list[str]:
+        """Every instruction of the file, once its manifest says `generate-instructions` wrote it and it is unchanged."""
+        from hf_ext.data.manifest import verify_manifest
+
+        if not Path(self.path).is_file():
+            raise UserInputError(f"instructions {self.path}: no such file (write one with `hf-ext data generate-instructions`)")
+        manifest = verify_manifest(self.path)
+        if manifest["generator"] != "hf_ext.data.instructions":
+            raise UserInputError(f"instructions {self.path}: its manifest says {manifest['generator']} wrote it; expected "
+                                 "a file written by `hf-ext data generate-instructions` (generator hf_ext.data.instructions)")
+        rows = [json.loads(line) for line in Path(self.path).read_text().splitlines() if line.strip()]
+        for index, row in enumerate(rows):
+            if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+                raise UserInputError(f"instructions {self.path}: row {index}: field 'instruction': expected a non-empty string")
+        return [row["instruction"] for row in rows]
+
+    def held_out(self) -> list[str]:
+        """The first `eval_size` instructions, which no data tool uses: what `hf-ext eval --instructions` scores on."""
+        return self.instructions()[: self.eval_size]
+
+    def rows(self):
+        """The chosen instructions as a `prompt` column."""
+        from datasets import Dataset
+
+        instructions = self.instructions()
+        start = self.eval_size + self.offset
+        chosen = instructions[start : start + self.num_prompts]
+        if not chosen:
+            raise UserInputError(
+                f"instructions {self.path}: {len(instructions)} instructions, of which the first {self.eval_size} are "
+                f"held out for evaluation and {self.offset} skipped (offset), so none is left; write more or lower "
+                "eval_size / offset"
+            )
+        return Dataset.from_dict({"prompt": chosen})

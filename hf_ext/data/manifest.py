@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,41 @@ def vet_file(path: str | Path) -> dict[str, Any]:
             raise UserInputError(f"{path}: row {index}: {problem}")
     qc = {"kind": "pairs" if is_pairs else f"sft ({data_format.name})", "rows_validated": len(rows)}
     return write_manifest(path, generator="hf-ext data manifest (user-provided file)", qc=qc)
+
+
+def partial_path(output: str | Path) -> Path:
+    """Where a data tool keeps the attempts of an unfinished `output`: `<output>.partial`."""
+    output = Path(output)
+    return output.with_name(output.name + ".partial")
+
+
+def read_partial(path: Path) -> list[dict]:
+    """Complete lines of a partial file; a line cut by a crash is dropped (and redone)."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def resumable_attempts(output: str | Path, count: int, batch_size: int, attempt_batch) -> list[dict]:
+    """The rows of `count` attempts (each a dict with its `index`), in order. Those an interrupted run left in
+    `<output>.partial` are read back; the others are made by `attempt_batch(indices, start, to_do)` (`start`: how many of the `to_do` attempts came before), a batch at
+    a time, and appended to the partial file, which is flushed to disk after every batch. The caller writes the final
+    file and its manifest, then deletes the partial file, so a partial file is never trained on."""
+    partial = partial_path(output)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = {row["index"]: row for row in read_partial(partial)}
+    todo = [i for i in range(count) if i not in done]
+    with open(partial, "a") as handle:
+        for start in range(0, len(todo), batch_size):
+            for row in attempt_batch(todo[start : start + batch_size], start, len(todo)):
+                handle.write(json.dumps(row) + "\n")
+                done[row["index"]] = row
+            handle.flush()
+            os.fsync(handle.fileno())
+    return [done[i] for i in range(count)]

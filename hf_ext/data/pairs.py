@@ -1,5 +1,13 @@
 """Preference pairs: (prompt, chosen, rejected) rows, validated, and hard negatives for verifiable tasks.
 
+The methods of `hf-ext data make-pairs`:
+- `hard_negatives`: no model; chosen = the reference answer, rejected = a hard negative (below);
+- `on_policy`: the model's own samples; chosen = a sample the verifier accepts (the reference answer when the model
+  has none), rejected = each distinct sample it rejects, or a hard negative when every sample was right, so every
+  prompt gives at least one pair, and the pairs teach against the mistakes this model actually makes;
+- `best_of_n`: the best of `k` samples by the task's reward (or the judge) against each worse one;
+- `judge`: two samples judged A/B in both orders, kept when the orders agree.
+
 Hard negatives are rejected responses that a verifier proves wrong while staying close to the right one:
 - `wrong_answer`: the task's own near miss (a sum off by one digit, two numbers swapped, two letters swapped);
 - `truncation`: the right answer cut short;
@@ -13,10 +21,17 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from hf_ext.data.instructions import InstructionPrompts
 from hf_ext.data.tasks import Task, TrainingPrompts
 from hf_ext.errors import UserInputError
 
 NEGATIVE_KINDS = ("wrong_answer", "truncation", "off_topic")
+METHODS = ("hard_negatives", "on_policy", "best_of_n", "judge")
+
+
+def max_pairs_per_prompt(method: str, k: int) -> int:
+    """The most pairs one prompt can give: what `--min_pairs` is checked against before any model loads."""
+    return {"hard_negatives": 1, "on_policy": k, "best_of_n": k - 1, "judge": 1}[method]
 
 
 def hard_negative(task: Task, completion: str, answer: str, other_completions: list[str], kind: str, rng: random.Random) -> str | None:
@@ -77,19 +92,53 @@ def _quantiles(values: list[float]) -> dict[str, float] | None:
             "mean": sum(ordered) / len(ordered)}
 
 
+def on_policy_pairs(task: Task, prompts: list[str], answers: list[str], references: list[str],
+                    groups: list[list[str]], seed: int) -> tuple[dict[str, list], dict]:
+    """The `on_policy` pairs of each prompt's distinct samples (`groups`), and where their responses came from."""
+    rng = random.Random(f"on-policy-{task.name}-{seed}")
+    pairs = {"prompt": [], "chosen": [], "rejected": [], "margin": [], "chosen_source": [], "rejected_source": []}
+    samples = right_samples = 0
+    for prompt, answer, reference, group in zip(prompts, answers, references, groups):
+        right = [s for s in group if task.verify(s, answer)]
+        wrong = [s for s in group if not task.verify(s, answer)]
+        samples += len(group)
+        right_samples += len(right)
+        chosen, chosen_source = (right[0], "sample") if right else (reference, "reference")
+        rejected = [(s, "sample") for s in wrong]
+        if not rejected:
+            negative = hard_negative(task, chosen, answer, [], "wrong_answer", rng)
+            rejected = [(negative, "hard_negative")] if negative else []
+        for response, source in rejected:
+            for key, value in zip(pairs, (prompt, chosen, response, 1.0, chosen_source, source)):
+                pairs[key].append(value)
+    sources = lambda key, value: sum(s == value for s in pairs[key])  # noqa: E731
+    stats = {
+        "distinct_samples": samples,
+        "distinct_samples_right": right_samples,
+        "chosen_from": {"sample": sources("chosen_source", "sample"), "reference": sources("chosen_source", "reference")},
+        "rejected_from": {"sample": sources("rejected_source", "sample"),
+                          "hard_negative": sources("rejected_source", "hard_negative")},
+    }
+    return pairs, stats
+
+
 def sampled_pairs(model, tokenizer, prompts: list[str], data_format, method: str, k: int = 4, task: Task | None = None,
-                  answers: list[str] | None = None, judge=None, temperature: float = 0.8, max_new_tokens: int = 16,
-                  batch_size: int = 16, seed: int = 0) -> tuple[Dataset, dict]:
+                  answers: list[str] | None = None, references: list[str] | None = None, judge=None,
+                  temperature: float = 0.8, max_new_tokens: int = 16, batch_size: int = 16,
+                  seed: int = 0) -> tuple[Dataset, dict]:
     """Pairs from the model's own samples, and their quality statistics.
 
+    - `on_policy` (needs a task and the `references`): see the module docstring.
     - `best_of_n`: `k` samples per prompt, scored by the task's reward (or, without a task, by the judge: the sum of
       a sample's margins against the others); the best is chosen against each strictly worse one (up to k-1 pairs).
     - `judge`: two samples per prompt judged A/B in both orders; a pair is kept only when both orders agree.
     """
     from hf_ext.generation import generate
 
-    if method not in ("best_of_n", "judge"):
+    if method not in ("on_policy", "best_of_n", "judge"):
         raise ValueError(f"unknown method {method!r}")
+    if method == "on_policy" and (task is None or references is None):
+        raise ValueError("method on_policy needs a verifiable task and its reference answers")
     if method == "judge" or task is None:
         if judge is None:
             raise ValueError(f"method {method} without a verifiable task needs a judge model")
@@ -98,6 +147,12 @@ def sampled_pairs(model, tokenizer, prompts: list[str], data_format, method: str
     raw = generate(model, tokenizer, encoded, batch_size=batch_size, max_new_tokens=max_new_tokens, num_samples=k,
                    temperature=temperature, seed=seed, desc=f"Sampling {k} per prompt")
     groups = [list(dict.fromkeys(r for r in (data_format.extract_response(s) for s in samples) if r)) for samples in raw]
+    common = {"method": method, "samples_per_prompt": k, "prompts": len(prompts)}
+    if method == "on_policy":
+        pairs, sources = on_policy_pairs(task, prompts, answers, references, groups, seed)
+        stats = {**common, "scored_by": f"{task.name} verifier", "prompts_with_a_pair": len(set(pairs["prompt"])),
+                 "pairs": len(pairs["prompt"]), **sources}
+        return Dataset.from_dict(pairs), stats
 
     use_judge = method == "judge" or task is None
     verdicts = {}
@@ -139,10 +194,8 @@ def sampled_pairs(model, tokenizer, prompts: list[str], data_format, method: str
             if scores[i] < scores[best]:
                 add(prompt, group[best], group[i], scores[best] - scores[i])
     stats = {
-        "method": method,
+        **common,
         "scored_by": "judge" if use_judge else f"{task.name} verifier reward",
-        "samples_per_prompt": k,
-        "prompts": len(prompts),
         "prompts_with_a_pair": len(set(pairs["prompt"])),
         "pairs": len(pairs["prompt"]),
         "margin": _quantiles(pairs["margin"]),
@@ -151,9 +204,9 @@ def sampled_pairs(model, tokenizer, prompts: list[str], data_format, method: str
     return Dataset.from_dict(pairs), stats
 
 
-def make_task_pairs(
+def make_pairs(
     model: str | None,
-    prompts: TrainingPrompts,
+    prompts: TrainingPrompts | InstructionPrompts,
     output: str | Path,
     method: str = "best_of_n",
     data_format: str = "messages",
@@ -163,21 +216,37 @@ def make_task_pairs(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     seed: int = 0,
+    min_pairs: int = 1,
     load_in_4bit: bool = False,
 ) -> dict:
-    """`hf-ext data make-pairs`: preference pairs for the task's training `prompts`, written with their QC manifest
-    (which the manifest returned holds). `hard_negatives` needs no model; `best_of_n` and `judge` sample `model`
-    (and judge with `judge`, by default `model` itself)."""
+    """`hf-ext data make-pairs`: preference pairs for `prompts` (a task's training prompts, or open-ended
+    instructions from `hf-ext data generate-instructions`), written with their QC manifest (which the manifest
+    returned holds); fewer than `min_pairs` pairs is an error, checked against the most the prompts can give before
+    any model loads. `hard_negatives` needs no model; `on_policy`, `best_of_n` and `judge` sample `model` and score
+    the samples with the task's verifier or, for open-ended instructions, with `judge` (by default `model` itself)."""
     from collections import Counter
 
     from hf_ext.data.tasks import TASKS
 
-    rows = prompts.rows()  # an unknown task fails here, before any model loads
-    task = TASKS[prompts.task]
+    if method not in METHODS:
+        raise UserInputError(f"make-pairs: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if prompts.task is None and method in ("hard_negatives", "on_policy"):
+        raise UserInputError(f"make-pairs: method {method} needs a verifiable task (--task); for open-ended "
+                             "instructions use best_of_n or judge, scored by the judge")
+    if k < 2 and method in ("on_policy", "best_of_n"):
+        raise UserInputError(f"make-pairs: method {method} compares samples, so k must be at least 2, got {k}")
+    rows = prompts.rows()  # an unknown task or a bad instruction file fails here, before any model loads
+    most = len(rows) * max_pairs_per_prompt(method, k)
+    if most < min_pairs:
+        raise UserInputError(
+            f"make-pairs: {len(rows)} prompts give at most {most} pairs with method {method} (k={k}), fewer than "
+            f"min_pairs {min_pairs}; use at least {-(-min_pairs // max_pairs_per_prompt(method, k))} prompts"
+        )
+    task = TASKS[prompts.task] if prompts.task else None
     if method == "hard_negatives":
         dataset = task_pairs(task, rows, seed)
         stats = {"method": "hard_negatives", "pairs": len(dataset), "negative_kinds": dict(Counter(dataset["negative_kind"]))}
-        return _write_pairs(dataset, output, stats, source_model=None)
+        return _write_pairs(dataset, output, stats, min_pairs, source_model=None)
 
     from hf_ext.data.formats import FORMATS
     from hf_ext.eval.judge import LogprobJudge
@@ -193,20 +262,21 @@ def make_task_pairs(
         scorer = LogprobJudge(judge_model, judge_tokenizer, batch_size=batch_size)
     dataset, stats = sampled_pairs(
         sampler, tokenizer, list(rows["prompt"]), FORMATS[data_format], method, k=k, task=task,
-        answers=list(rows["answer"]), judge=scorer, temperature=temperature, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, seed=seed,
+        answers=list(rows["answer"]) if task else None, references=list(rows["completion"]) if task else None,
+        judge=scorer, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
     )
-    return _write_pairs(dataset, output, {**stats, "data_format": data_format}, source_model=model)
+    return _write_pairs(dataset, output, {**stats, "data_format": data_format}, min_pairs, source_model=model)
 
 
-def _write_pairs(dataset: Dataset, output: str | Path, stats: dict, source_model: str | None) -> dict:
+def _write_pairs(dataset: Dataset, output: str | Path, stats: dict, min_pairs: int, source_model: str | None) -> dict:
     import json
 
     from hf_ext.data.manifest import write_data_file
 
-    if len(dataset) == 0:
+    if len(dataset) < max(min_pairs, 1):
         raise UserInputError(
-            f"make-pairs: no prompt yielded a pair (every sample scored the same, or the judge's orders disagreed); "
-            f"raise --num_prompts, --k or --temperature. Stats: {json.dumps(stats)}"
+            f"make-pairs: {len(dataset)} pairs, fewer than min_pairs {max(min_pairs, 1)} (a prompt gives no pair when "
+            f"every sample scored the same or the judge's orders disagreed); raise --num_prompts, --k or --temperature, "
+            f"or use method on_policy. Stats: {json.dumps(stats)}"
         )
     return write_data_file(output, list(dataset), generator="hf_ext.data.pairs", qc=stats, source_model=source_model)

@@ -16,11 +16,13 @@ def describe_source(script_args) -> str:
 
 
 def load_splits(script_args, seed: int) -> DatasetDict:
-    """`train` (and `test` when there is one) rows for the recipe's `task` or `dataset_name`."""
+    """`train` (and `test` when there is one) rows for the recipe's `task` (split by `task_seed`, else `seed`) or
+    `dataset_name`."""
     if script_args.task:
         from hf_ext.data.tasks import TASKS
 
-        return TASKS[script_args.task].splits(script_args.task_train_size, script_args.task_eval_size, seed)
+        split_seed = seed if script_args.task_seed is None else script_args.task_seed
+        return TASKS[script_args.task].splits(script_args.task_train_size, script_args.task_eval_size, split_seed)
 
     import datasets
 

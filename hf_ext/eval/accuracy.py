@@ -106,9 +106,9 @@ def evaluate_models(
         logger.info("%s: %s accuracy %.3f on %d examples (%s)", reference, task.name, result["accuracy"],
                     result["num_examples"], data_format.name)
     if judge and len(results) > 1:
-        from hf_ext.eval.judge import judge_against_first
+        from hf_ext.eval.judge import judge_against_first, load_judge
 
-        judge_against_first(results, judge)
+        judge_against_first(results, load_judge(judge), judge)
         release_memory()
     return {"models": results, "peak_rss_mb": peak_rss_mb()}
 

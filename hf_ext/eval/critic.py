@@ -66,6 +66,29 @@ class LogprobCritic(LogprobJudge):
         as_b = [_sigmoid(-m) for m in margins[len(items) :]]
         return [CriticScore((x + y) / 2, x, y) for x, y in zip(as_a, as_b)]
 
+    def filter(self, rows: list[dict], threshold: float) -> None:
+        """Score the rows a data tool kept so far (status `kept...`; their `instruction`, with its `response` when
+        the rows have one), record `critic` = [score, P(yes) with A meaning yes, with B meaning yes] on each, and
+        mark those below `threshold` `rejected_critic`."""
+        kept = [row for row in rows if row["status"].startswith("kept")]
+        if not kept:
+            return
+        responses = [row["response"] for row in kept] if "response" in kept[0] else None
+        for row, verdict in zip(kept, self.score([row["instruction"] for row in kept], responses)):
+            row["critic"] = [verdict.score, verdict.yes_as_a, verdict.yes_as_b]
+            if verdict.score < threshold:
+                row["status"] = "rejected_critic"
+
+
+def load_critic(reference: str, batch_size: int, loaded: tuple | None = None) -> LogprobCritic:
+    """The critic model `reference`; `loaded` = (reference, model, tokenizer) of a model already in memory, reused
+    when it is the same one."""
+    if loaded is not None and loaded[0] == reference:
+        return LogprobCritic(loaded[1], loaded[2], batch_size)
+    from hf_ext.loading import ModelArguments, load_model, load_tokenizer
+
+    return LogprobCritic(load_model(ModelArguments(model_name_or_path=reference)), load_tokenizer(reference), batch_size)
+
 
 def reliability(scores: list[CriticScore], threshold: float) -> dict:
     """How far the critic's verdicts can be trusted: the share of items whose two orders agree, and the share kept."""

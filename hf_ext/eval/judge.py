@@ -90,14 +90,12 @@ class LogprobJudge:
         return [Verdict((x + y) / 2, x, y) for x, y in zip(first, second)]
 
 
-def judge_against_first(results: list[dict], judge: str, batch_size: int = 16) -> None:
-    """Add `judge_vs_first` (wins, losses, ties, win rate) to every result after the first: the judge model's verdict
-    on each model's responses against the first model's, prompt by prompt (results of `evaluate_task` on one split)."""
+def judge_against_first(results: list[dict], scorer: LogprobJudge, judge: str) -> None:
+    """Add `judge_vs_first` (wins, losses, ties, win rate, and the share of comparisons whose two orders agree) to
+    every result after the first: `scorer`'s verdict on each model's responses against the first model's, prompt by
+    prompt (results with `model`, `prompts` and `responses`, as `evaluate_task` returns; `judge` names the scorer)."""
     from collections import Counter
 
-    from hf_ext.loading import ModelArguments, load_model, load_tokenizer
-
-    scorer = LogprobJudge(load_model(ModelArguments(model_name_or_path=judge)), load_tokenizer(judge), batch_size)
     base = results[0]
     for result in results[1:]:
         triples = [(p, r, b) for p, r, b in zip(base["prompts"], result["responses"], base["responses"])]
@@ -105,4 +103,11 @@ def judge_against_first(results: list[dict], judge: str, batch_size: int = 16) -
         result["judge_vs_first"] = {
             "judge": judge, "against": base["model"], **{k: outcomes.get(k, 0) for k in ("win", "loss", "tie")},
             "win_rate": (outcomes.get("win", 0) + 0.5 * outcomes.get("tie", 0)) / len(triples),
+            "orders_agree": (outcomes.get("win", 0) + outcomes.get("loss", 0)) / len(triples),
         }
+
+
+def load_judge(reference: str, batch_size: int = 16) -> LogprobJudge:
+    from hf_ext.loading import ModelArguments, load_model, load_tokenizer
+
+    return LogprobJudge(load_model(ModelArguments(model_name_or_path=reference)), load_tokenizer(reference), batch_size)
