@@ -40,11 +40,11 @@ STARTS = {
                  "max_steps": 40, "save_steps": 20},  # as the pipeline's dpo step
 }
 SETTINGS = {
-    "sigmoid": {"loss_type": ["sigmoid"], "beta": 0.1, "learning_rate": 5e-5},
+    "sigmoid": {"loss_type": ["sigmoid"], "loss_weights": None, "beta": 0.1, "learning_rate": 5e-5},
     "sigmoid_sft": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0], "beta": 0.1, "learning_rate": 5e-5},
     "sigmoid_sft_beta0.5_lr1e-4": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0], "beta": 0.5,
                                    "learning_rate": 1e-4},
-    "sft_only": {"loss_type": ["sft"], "beta": 0.1, "learning_rate": 5e-5},
+    "sft_only": {"loss_type": ["sft"], "loss_weights": None, "beta": 0.1, "learning_rate": 5e-5},
 }
 
 

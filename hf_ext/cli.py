@@ -2,11 +2,11 @@
 
     hf-ext train RECIPE.yaml [--key value ...] [-- ACCELERATE FLAGS ...]
     hf-ext eval --model PATH[,PATH...] [--task NAME] [--judge PATH] [--num_examples N] ...
-    hf-ext eval --model PATH,PATH[,...] --instructions FILE --judge PATH [--eval_size N] ...
+    hf-ext eval --model PATH,PATH[,...] --instructions FILE --judge PATH ...
     hf-ext eval --task antibody_design --model PATH [--baseline FILE | --write_baseline FILE] ...
     hf-ext eval --task arc --model PATH [--subset NAME | --tasks_file FILE] [--num_votes N] [--ttt_steps N] ...
     hf-ext data generate-sft|generate-instructions|make-pairs|manifest|train-tokenizer ...
-    hf-ext pipeline PIPELINE.yaml   (recipes/pipelines/stage1.yaml, recipes/pipelines/blueprint.yaml)
+    hf-ext pipeline PIPELINE.yaml   (recipes/pipelines/stage1.yaml, stage1_open_ended.yaml, blueprint.yaml)
     hf-ext push OUTPUT_DIR --repo-id USER/NAME [--private] [--revision BRANCH] [--commit-message TEXT]
     hf-ext card OUTPUT_DIR [--repo-id USER/NAME]
 
@@ -148,14 +148,13 @@ def eval_command(args: list[str]) -> None:
     parser.add_argument("--task", help="verifiable task (default: the model's recipe.yaml)")
     parser.add_argument("--data_format", help="prompt encoding: messages, instruction or prompt_completion")
     parser.add_argument("--num_examples", type=int, help="held-out examples to score (default: the task_eval_size)")
-    parser.add_argument("--seed", type=int, help="split seed (default: the recipe's seed, else 42)")
+    parser.add_argument("--seed", type=int, help="split seed (default: the recipe's task_seed, else its seed, else 42)")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, help="default: 16 for a task, 64 with --instructions")
     parser.add_argument("--load_in_4bit", type=string_to_bool, nargs="?", const=True, default=None)
     parser.add_argument("--judge", help="judge model for win rates of every model against the first one")
     parser.add_argument("--instructions", help="open-ended: a file written by `hf-ext data generate-instructions`; "
-                        "its first --eval_size instructions (held out from the data tools) are answered and judged")
-    parser.add_argument("--eval_size", type=int, default=50, help="with --instructions: held-out instructions")
+                        "its held-out instructions (which the data tools never use) are answered and judged")
     parser.add_argument("--output", help="write the results as JSON to this file")
     options = parser.parse_args(args)
     if options.instructions:
@@ -171,7 +170,7 @@ def eval_command(args: list[str]) -> None:
                                     options.num_examples))
         for reference in references
     ]
-    summary = evaluate_models(models, options.batch_size, options.max_new_tokens, judge=options.judge)
+    summary = evaluate_models(models, options.batch_size, options.max_new_tokens or 16, judge=options.judge)
     print("\n| model | accuracy | win rate vs first (judge) |\n|---|---|---|")
     for result in summary["models"]:
         judged = result.get("judge_vs_first")
@@ -194,10 +193,10 @@ def open_ended_eval(options) -> None:
     if not options.judge or len(references) < 2:
         raise UserInputError("eval --instructions: open-ended answers have no verifier, so give --judge and at least two "
                              "--model references (each is judged against the first)")
-    instructions = InstructionPrompts(options.instructions, eval_size=options.eval_size).held_out()
+    instructions = InstructionPrompts(options.instructions).held_out()
     models = [(reference, task_evaluation(reference, data_format=options.data_format, load_in_4bit=options.load_in_4bit))
               for reference in references]
-    summary = evaluate_open_ended(models, instructions, options.judge, options.batch_size, options.max_new_tokens)
+    summary = evaluate_open_ended(models, instructions, options.judge, options.batch_size, options.max_new_tokens or 64)
     print("\n| model | win rate vs first (judge) | judge decided | critic mean P(yes) | critic decided |\n|---|---|---|---|---|")
     for result in summary["models"]:
         judged, critic = result.get("judge_vs_first"), result["critic"]
@@ -389,9 +388,9 @@ def data_command(args: list[str]) -> None:
                          help="task split seed: prompts come from the train split, never the held-out one (recipes' seed)")
         sub.add_argument("--offset", type=int, default=0,
                          help="skip this many train-split prompts (e.g. those another data step already used)")
-        sub.add_argument("--eval_size", type=int, default=None,
-                         help="held-out prompts kept out of the data: the task's held-out split (recipes' "
-                              "task_eval_size, default 200), or the first instructions of the file (default 50)")
+        sub.add_argument("--eval_size", type=int, default=200,
+                         help="size of the task's held-out split kept out of the data (recipes' task_eval_size); an "
+                              "instruction file's held-out count is in its manifest")
         sub.add_argument("--batch_size", type=int, default=16)
         sub.add_argument("--max_new_tokens", type=int, default=32)
         sub.add_argument("--temperature", type=float, default=None)
@@ -421,6 +420,9 @@ def data_command(args: list[str]) -> None:
     instructions.add_argument("--critic", help="critic model (default: --model)")
     instructions.add_argument("--critic_threshold", type=float, default=0.5,
                               help="keep instructions whose critic P(yes), mean of both label orders, is at least this")
+    instructions.add_argument("--eval_size", type=int, default=50,
+                              help="the first this many kept instructions are held out for `hf-ext eval --instructions` "
+                                   "(recorded in the manifest; the data tools never use them)")
     instructions.add_argument("--shots", type=int, default=3)
     instructions.add_argument("--max_new_tokens", type=int, default=48)
     instructions.add_argument("--temperature", type=float, default=0.9)
@@ -460,7 +462,7 @@ def data_command(args: list[str]) -> None:
             num_instructions=options.num_instructions, categories=tuple(filter(None, options.categories.split(","))),
             shots=options.shots, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
             min_chars=options.min_chars, max_chars=options.max_chars, critic_threshold=options.critic_threshold,
-            batch_size=options.batch_size, seed=options.seed,
+            eval_size=options.eval_size, batch_size=options.batch_size, seed=options.seed,
         )
         manifest = generate_instruction_file(options.model, options.output, settings, options.critic,
                                              options.load_in_4bit)
@@ -470,13 +472,11 @@ def data_command(args: list[str]) -> None:
     if options.task:
         from hf_ext.data.tasks import TrainingPrompts
 
-        prompts = TrainingPrompts(options.task, options.num_prompts, options.offset, options.eval_size or 200,
-                                  options.split_seed)
+        prompts = TrainingPrompts(options.task, options.num_prompts, options.offset, options.eval_size, options.split_seed)
     else:
         from hf_ext.data.instructions import InstructionPrompts
 
-        prompts = InstructionPrompts(options.instructions, options.num_prompts, options.offset,
-                                     50 if options.eval_size is None else options.eval_size)
+        prompts = InstructionPrompts(options.instructions, options.num_prompts, options.offset)
     if options.command == "generate-sft":
         from hf_ext.data.fewshot import GenerationSettings, generate_open_ended_sft_data, generate_task_sft_data
 
@@ -511,7 +511,9 @@ def pipeline_command(args: list[str]) -> None:
     if args in (["-h"], ["--help"]):
         print(f"{PIPELINE_USAGE}\n\nRun a chain of steps, each in its own folder, skipped when complete and resumed when "
               "interrupted (docs/pipeline.md). Two forms: the stage-1 pipeline, generate SFT data -> SFT -> preference "
-              "pairs -> DPO -> evaluation (recipes/pipelines/stage1.yaml); or a training chain, `steps:` of recipes, "
+              "pairs -> DPO -> evaluation, on a verifiable task (recipes/pipelines/stage1.yaml) or open-ended from "
+              "instructions the base model writes (recipes/pipelines/stage1_open_ended.yaml); or a training chain, "
+              "`steps:` of recipes, "
               "each training from the previous step's model (recipes/pipelines/blueprint.yaml: mHC pretrain -> SDFT -> "
               "TTT-Discover).")
         return

@@ -64,7 +64,7 @@ def run_pipeline(path: str | Path) -> dict:
     from hf_ext.data.fewshot import GenerationSettings, generate_open_ended_sft_data, generate_task_sft_data
     from hf_ext.data.instructions import InstructionPrompts, InstructionSettings, generate_instruction_file
     from hf_ext.data.manifest import verify_manifest
-    from hf_ext.data.pairs import make_pairs
+    from hf_ext.data.pairs import check_pair_request, make_pairs
     from hf_ext.data.tasks import TrainingPrompts
     from hf_ext.eval.accuracy import evaluate_models
     from hf_ext.eval.win_rate import evaluate_open_ended
@@ -92,12 +92,18 @@ def run_pipeline(path: str | Path) -> dict:
     sft_data, pairs = root / "generate_sft" / "sft.jsonl", root / "make_pairs" / "pairs.jsonl"
     sft_dir, dpo_dir, results = root / "sft", root / "dpo", root / "evaluate" / "results.json"
 
-    def verified(data: Path) -> bool:
+    def verified(data: Path, step: str, prompts=None) -> bool:
+        """A finished data file: its manifest verifies; made from other prompts than the pipeline now asks, it is an
+        error (skipping it could train on what evaluate scores)."""
         try:
-            verify_manifest(data)
-            return True
+            manifest = verify_manifest(data)
         except UserInputError:
             return False
+        made_from = manifest["parameters"].get("prompts")
+        if prompts is not None and made_from is not None and made_from != prompts.describe():
+            raise UserInputError(f"{path}: step '{step}': {data} was made from prompts {made_from}, the pipeline now asks "
+                                 f"for {prompts.describe()}; delete {data.parent} to re-run the step")
+        return True
 
     # Every step's keys are checked before the first step runs.
     if open_ended:
@@ -106,15 +112,8 @@ def run_pipeline(path: str | Path) -> dict:
         generation_keys = _split_keys(str(path), "generate_sft", steps["generate_sft"], InstructionPrompts,
                                       GenerationSettings, generate_open_ended_sft_data)
         pair_keys = _split_keys(str(path), "make_pairs", steps["make_pairs"], InstructionPrompts, make_pairs)
-        evaluation_keys = _split_keys(str(path), "evaluate", steps["evaluate"], InstructionPrompts, evaluate_open_ended)
+        evaluation_keys = _split_keys(str(path), "evaluate", steps["evaluate"], evaluate_open_ended)
         InstructionSettings(**instruction_keys[0])  # a bad category or threshold fails now
-        held_out = {step: keys[0].get("eval_size", InstructionPrompts.eval_size)
-                    for step, keys in (("generate_sft", generation_keys), ("make_pairs", pair_keys),
-                                       ("evaluate", evaluation_keys))}
-        if len(set(held_out.values())) > 1:
-            raise UserInputError(f"{path}: eval_size (the held-out instructions) differs between steps: "
-                                 f"{', '.join(f'{step} {size}' for step, size in held_out.items())}; give every step "
-                                 "the same, or the data steps may train on what evaluate scores")
         prompts_for = lambda keys: InstructionPrompts(str(instructions), **keys)  # noqa: E731
     else:
         generation_keys = _split_keys(str(path), "generate_sft", steps["generate_sft"], TrainingPrompts,
@@ -123,6 +122,10 @@ def run_pipeline(path: str | Path) -> dict:
         evaluation_keys = _split_keys(str(path), "evaluate", steps["evaluate"], task_evaluation, evaluate_models)
         prompts_for = lambda keys: TrainingPrompts(task, **keys)  # noqa: E731
     GenerationSettings(**generation_keys[1])
+    pair_prompts, pair_options = pair_keys
+    sft_prompts = prompts_for(generation_keys[0])
+    check_pair_request(pair_options.get("method", "best_of_n"), pair_options.get("k", 4), pair_options.get("min_pairs", 1),
+                       prompts_for(pair_prompts).num_prompts, task)
     for step in ("sft", "dpo"):
         if "recipe" not in steps[step]:
             raise UserInputError(f"{path}: step '{step}': missing key 'recipe' (e.g. recipes/{step}.yaml)")
@@ -157,10 +160,11 @@ def run_pipeline(path: str | Path) -> dict:
 
     def evaluate() -> None:
         if open_ended:
-            prompt_keys, rest = evaluation_keys
+            (rest,) = evaluation_keys
             models = [(str(reference), task_evaluation(str(reference), data_format=data_format))
                       for reference in (base, sft_dir, dpo_dir)]
-            summary = evaluate_open_ended(models, prompts_for(prompt_keys).held_out(), **{"judge": base, **rest})
+            summary = evaluate_open_ended(models, InstructionPrompts(str(instructions)).held_out(),
+                                          **{"judge": base, **rest})
         else:
             settings, rest = evaluation_keys
             models = [(str(reference), task_evaluation(str(reference), **{"data_format": data_format, **settings}, task=task))
@@ -169,10 +173,11 @@ def run_pipeline(path: str | Path) -> dict:
         write_json_atomic(results, summary)
 
     plan = [
-        *([("generate_instructions", lambda: verified(instructions), generate_instructions)] if open_ended else []),
-        ("generate_sft", lambda: verified(sft_data), generate_sft),
+        *([("generate_instructions", lambda: verified(instructions, "generate_instructions"), generate_instructions)]
+          if open_ended else []),
+        ("generate_sft", lambda: verified(sft_data, "generate_sft", sft_prompts), generate_sft),
         ("sft", lambda: RunFolder(sft_dir).is_finished(), lambda: train_step(path, sft_step)),
-        ("make_pairs", lambda: verified(pairs), make_preference_pairs),
+        ("make_pairs", lambda: verified(pairs, "make_pairs", prompts_for(pair_prompts)), make_preference_pairs),
         ("dpo", lambda: RunFolder(dpo_dir).is_finished(), lambda: train_step(path, dpo_step)),
         ("evaluate", lambda: results.is_file(), evaluate),
     ]

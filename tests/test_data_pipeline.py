@@ -171,3 +171,22 @@ def test_pipeline_checks_every_steps_keys_before_running_any(tmp_path):
     with pytest.raises(UserInputError, match=r"step 'evaluate': key\(s\) num_exampels not accepted here.*num_examples"):
         run_pipeline(pipeline)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_data_step_made_from_other_prompts_is_an_error_not_a_skip(tmp_path):
+    """Skipping it would train on prompts the pipeline no longer asks for, perhaps ones evaluate now scores."""
+    from hf_ext.data.manifest import write_data_file
+    from hf_ext.data.tasks import TrainingPrompts
+    from hf_ext.pipeline import run_pipeline
+
+    out = tmp_path / "out"
+    made_from = TrainingPrompts("addition", num_prompts=8).describe()
+    write_data_file(out / "generate_sft" / "sft.jsonl", [{"instruction": "What is 1 + 1?", "response": "2"}],
+                    generator="hf_ext.data.fewshot", qc={}, parameters={"prompts": made_from})
+    pipeline = tmp_path / "changed.yaml"
+    pipeline.write_text(f"output_dir: {out}\nmodel_name_or_path: {SMOLLM2}\ntask: addition\n"
+                        "generate_sft: {num_prompts: 16}\nsft: {recipe: recipes/sft.yaml}\n"
+                        "dpo: {recipe: recipes/dpo.yaml}\n")
+    with pytest.raises(UserInputError, match=r"step 'generate_sft': .*sft.jsonl was made from prompts .*'num_prompts': 8.*"
+                                             r"now asks for .*'num_prompts': 16.*; delete .*generate_sft to re-run"):
+        run_pipeline(pipeline)

@@ -108,10 +108,11 @@ def clean_response(continuation: str, min_chars: int) -> tuple[str | None, str]:
 
 def generate_sft_data(model, tokenizer, instructions: list[str], output: str | Path, settings: GenerationSettings,
                       answers: list[str] | None = None, verify=None, critic=None, source_model: str | None = None,
-                      critic_model: str | None = None) -> dict:
+                      critic_model: str | None = None, prompts: dict | None = None) -> dict:
     """Write the kept (instruction, response) rows to `output` (JSONL) with a QC manifest; returns the manifest.
     Responses are checked by `verify` (a task's verifier, against `answers`) or scored by `critic` (a
-    `LogprobCritic`; open-ended instructions, shown `OPEN_ENDED_POOL` examples), or only by the format filters."""
+    `LogprobCritic`; open-ended instructions, shown `OPEN_ENDED_POOL` examples), or only by the format filters.
+    `prompts` (which prompts `instructions` are) is recorded in the manifest."""
     from hf_ext.eval.critic import CriticScore, reliability
     from hf_ext.generation import generate
 
@@ -123,7 +124,7 @@ def generate_sft_data(model, tokenizer, instructions: list[str], output: str | P
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         continuations = generate(
             model, tokenizer, encoded, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature, seed=settings.seed + start, desc=f"Generating SFT data {start}/{to_do}",
+            temperature=settings.temperature, seed=settings.seed + batch[0], desc=f"Generating SFT data {start}/{to_do}",
         )
         rows = []
         for i, (continuation,) in zip(batch, continuations):
@@ -136,10 +137,11 @@ def generate_sft_data(model, tokenizer, instructions: list[str], output: str | P
             rows.append({"index": i, "status": status, "instruction": instructions[i], "response": response,
                          "verified": verified, "critic": None})
         if critic is not None:
-            critic.filter(rows, settings.critic_threshold)
+            critic.reject_below(settings.critic_threshold, rows)
         return rows
 
-    rows = resumable_attempts(output, len(instructions), settings.batch_size, attempt_batch)
+    rows = resumable_attempts(output, len(instructions), settings.batch_size, attempt_batch,
+                              matches=lambda row: row["instruction"] == instructions[row["index"]])
     kept = [r for r in rows if r["status"].startswith("kept")]
     statuses = Counter(r["status"] for r in rows)
     checked = [r["verified"] for r in rows if r["verified"] is not None]
@@ -158,7 +160,7 @@ def generate_sft_data(model, tokenizer, instructions: list[str], output: str | P
     manifest = write_data_file(
         output, [{"instruction": r["instruction"], "response": r["response"]} for r in kept],
         generator="hf_ext.data.fewshot", qc=qc, source_model=source_model,
-        parameters={**settings.__dict__, "format": "instruction",
+        parameters={**settings.__dict__, "format": "instruction", "prompts": prompts,
                     "checked_by": "critic" if critic is not None else "verifier" if verify is not None else "filters"},
     )
     partial_path(output).unlink()
@@ -175,7 +177,8 @@ def generate_task_sft_data(model: str, prompts: TrainingPrompts, output: str | P
     rows = prompts.rows()
     loaded = load_model(ModelArguments(model_name_or_path=model, load_in_4bit=load_in_4bit))
     return generate_sft_data(loaded, load_tokenizer(model), list(rows["prompt"]), output, settings,
-                             answers=list(rows["answer"]), verify=TASKS[prompts.task].verify, source_model=model)
+                             answers=list(rows["answer"]), verify=TASKS[prompts.task].verify, source_model=model,
+                             prompts=prompts.describe())
 
 
 def generate_open_ended_sft_data(model: str, prompts: InstructionPrompts, output: str | Path,
@@ -192,4 +195,4 @@ def generate_open_ended_sft_data(model: str, prompts: InstructionPrompts, output
     critic_model = critic_model or model
     critic = load_critic(critic_model, settings.batch_size, (model, loaded, tokenizer))
     return generate_sft_data(loaded, tokenizer, instructions, output, settings, critic=critic, source_model=model,
-                             critic_model=critic_model)
+                             critic_model=critic_model, prompts=prompts.describe())

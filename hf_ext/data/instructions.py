@@ -73,6 +73,9 @@ class InstructionSettings:
     min_chars: int = 12
     max_chars: int = 300
     critic_threshold: float = 0.5
+    # The first this many kept instructions are held out for `hf-ext eval --instructions`: recorded in the manifest,
+    # which every tool reading the file follows.
+    eval_size: int = 50
     batch_size: int = 16
     seed: int = 0
 
@@ -85,6 +88,8 @@ class InstructionSettings:
             raise UserInputError(f"categories: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(CATEGORIES)}")
         if self.num_instructions < 1 or self.shots < 1:
             raise UserInputError(f"num_instructions and shots must be >= 1, got {self.num_instructions} and {self.shots}")
+        if self.eval_size < 0:
+            raise UserInputError(f"eval_size: the number of held-out instructions must be >= 0, got {self.eval_size}")
         if not 0 < self.min_chars <= self.max_chars:
             raise UserInputError(f"min_chars / max_chars: expected 0 < min_chars <= max_chars, got {self.min_chars} / {self.max_chars}")
 
@@ -134,7 +139,7 @@ def generate_instructions(model, tokenizer, output: str | Path, settings: Instru
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         continuations = generate(
             model, tokenizer, encoded, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature, seed=settings.seed + start, desc=f"Generating instructions {start}/{to_do}",
+            temperature=settings.temperature, seed=settings.seed + batch[0], desc=f"Generating instructions {start}/{to_do}",
         )
         rows = []
         for i, (continuation,) in zip(batch, continuations):
@@ -145,7 +150,7 @@ def generate_instructions(model, tokenizer, output: str | Path, settings: Instru
                 seen.add(key)
             rows.append({"index": i, "category": category_of[i], "instruction": text, "status": status, "critic": None})
         if critic is not None:
-            critic.filter(rows, settings.critic_threshold)
+            critic.reject_below(settings.critic_threshold, rows)
         return rows
 
     rows = resumable_attempts(output, settings.num_instructions, settings.batch_size, attempt_batch)
@@ -197,17 +202,23 @@ def generate_instruction_file(model: str, output: str | Path, settings: Instruct
 @dataclass(frozen=True)
 class InstructionPrompts:
     """Which instructions of a file written by `hf-ext data generate-instructions` a data tool uses: `num_prompts`
-    after skipping `offset` (those another data step used), never the first `eval_size`, which are held out for
-    `hf-ext eval --instructions` (the open-ended counterpart of `hf_ext.data.tasks.TrainingPrompts`)."""
+    after skipping `offset` (those another data step used), never the first ones, which the file's manifest holds out
+    for `hf-ext eval --instructions` (its `eval_size`, set when the file was written). The open-ended counterpart of
+    `hf_ext.data.tasks.TrainingPrompts`."""
 
     path: str
     num_prompts: int = 200
     offset: int = 0
-    eval_size: int = 50
     task = None  # open-ended: no verifier
 
-    def instructions(self) -> list[str]:
-        """Every instruction of the file, once its manifest says `generate-instructions` wrote it and it is unchanged."""
+    def __post_init__(self):
+        if self.num_prompts < 1 or self.offset < 0:
+            raise UserInputError(f"instructions {self.path}: num_prompts must be >= 1 and offset >= 0, got "
+                                 f"{self.num_prompts} and {self.offset}")
+
+    def read(self) -> tuple[list[str], dict]:
+        """Every instruction of the file and its manifest, once the manifest says `generate-instructions` wrote the
+        file and it is unchanged."""
         from hf_ext.data.manifest import verify_manifest
 
         if not Path(self.path).is_file():
@@ -220,23 +231,39 @@ class InstructionPrompts:
         for index, row in enumerate(rows):
             if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
                 raise UserInputError(f"instructions {self.path}: row {index}: field 'instruction': expected a non-empty string")
-        return [row["instruction"] for row in rows]
+        return [row["instruction"] for row in rows], manifest
+
+    def eval_size(self, manifest: dict) -> int:
+        return manifest["parameters"].get("eval_size", InstructionSettings.eval_size)
 
     def held_out(self) -> list[str]:
-        """The first `eval_size` instructions, which no data tool uses: what `hf-ext eval --instructions` scores on."""
-        return self.instructions()[: self.eval_size]
+        """The instructions no data tool uses: what `hf-ext eval --instructions` scores on."""
+        instructions, manifest = self.read()
+        held_out = instructions[: self.eval_size(manifest)]
+        if not held_out:
+            raise UserInputError(f"instructions {self.path}: no instruction is held out for evaluation (eval_size 0 when "
+                                 "it was written); write the file again with `generate-instructions --eval_size N`")
+        return held_out
 
     def rows(self):
         """The chosen instructions as a `prompt` column."""
         from datasets import Dataset
 
-        instructions = self.instructions()
-        start = self.eval_size + self.offset
-        chosen = instructions[start : start + self.num_prompts]
+        instructions, manifest = self.read()
+        eval_size = self.eval_size(manifest)
+        chosen = instructions[eval_size + self.offset : eval_size + self.offset + self.num_prompts]
         if not chosen:
             raise UserInputError(
-                f"instructions {self.path}: {len(instructions)} instructions, of which the first {self.eval_size} are "
-                f"held out for evaluation and {self.offset} skipped (offset), so none is left; write more or lower "
-                "eval_size / offset"
+                f"instructions {self.path}: {len(instructions)} instructions, of which the first {eval_size} are held "
+                f"out for evaluation and {self.offset} skipped (offset), so none is left; write more or lower the offset"
             )
+        if len(chosen) < self.num_prompts:
+            logger.warning("instructions %s: %d instructions after the %d held out and the %d skipped, fewer than the %d "
+                           "asked for", self.path, len(chosen), eval_size, self.offset, self.num_prompts)
         return Dataset.from_dict({"prompt": chosen})
+
+    def describe(self) -> dict:
+        """Which prompts these are, as recorded in the manifest of the data made from them."""
+        _, manifest = self.read()
+        return {"instructions": str(self.path), "instructions_sha256": manifest["sha256"],
+                "eval_size": self.eval_size(manifest), "num_prompts": self.num_prompts, "offset": self.offset}

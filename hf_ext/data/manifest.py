@@ -155,14 +155,16 @@ def read_partial(path: Path) -> list[dict]:
     return rows
 
 
-def resumable_attempts(output: str | Path, count: int, batch_size: int, attempt_batch) -> list[dict]:
+def resumable_attempts(output: str | Path, count: int, batch_size: int, attempt_batch, matches=None) -> list[dict]:
     """The rows of `count` attempts (each a dict with its `index`), in order. Those an interrupted run left in
-    `<output>.partial` are read back; the others are made by `attempt_batch(indices, start, to_do)` (`start`: how many of the `to_do` attempts came before), a batch at
-    a time, and appended to the partial file, which is flushed to disk after every batch. The caller writes the final
+    `<output>.partial` are read back (unless `matches(row)` says the row was made for another input: it is redone);
+    the others are made by `attempt_batch(indices, start, to_do)` (`start`: how many of the `to_do` attempts came
+    before), a batch at a time, and appended to the partial file, which is flushed to disk after every batch. The caller writes the final
     file and its manifest, then deletes the partial file, so a partial file is never trained on."""
     partial = partial_path(output)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    done = {row["index"]: row for row in read_partial(partial)}
+    done = {row["index"]: row for row in read_partial(partial)
+            if row["index"] < count and (matches is None or matches(row))}
     todo = [i for i in range(count) if i not in done]
     with open(partial, "a") as handle:
         for start in range(0, len(todo), batch_size):

@@ -97,15 +97,16 @@ def on_policy_pairs(task: Task, prompts: list[str], answers: list[str], referenc
     """The `on_policy` pairs of each prompt's distinct samples (`groups`), and where their responses came from."""
     rng = random.Random(f"on-policy-{task.name}-{seed}")
     pairs = {"prompt": [], "chosen": [], "rejected": [], "margin": [], "chosen_source": [], "rejected_source": []}
-    samples = right_samples = 0
+    samples = right_samples = without_a_sample = 0
     for prompt, answer, reference, group in zip(prompts, answers, references, groups):
+        without_a_sample += not group
         right = [s for s in group if task.verify(s, answer)]
         wrong = [s for s in group if not task.verify(s, answer)]
         samples += len(group)
         right_samples += len(right)
         chosen, chosen_source = (right[0], "sample") if right else (reference, "reference")
         rejected = [(s, "sample") for s in wrong]
-        if not rejected:
+        if not rejected:  # every sample right, or none non-empty
             negative = hard_negative(task, chosen, answer, [], "wrong_answer", rng)
             rejected = [(negative, "hard_negative")] if negative else []
         for response, source in rejected:
@@ -115,6 +116,7 @@ def on_policy_pairs(task: Task, prompts: list[str], answers: list[str], referenc
     stats = {
         "distinct_samples": samples,
         "distinct_samples_right": right_samples,
+        "prompts_without_a_sample": without_a_sample,  # every sample empty: a hard negative against the reference
         "chosen_from": {"sample": sources("chosen_source", "sample"), "reference": sources("chosen_source", "reference")},
         "rejected_from": {"sample": sources("rejected_source", "sample"),
                           "hard_negative": sources("rejected_source", "hard_negative")},
@@ -168,14 +170,12 @@ def sampled_pairs(model, tokenizer, prompts: list[str], data_format, method: str
         for key, value in zip(pairs, (prompt, chosen, rejected, margin)):
             pairs[key].append(value)
 
-    agreements: list[bool] = []
     for g, group in enumerate(groups):
         prompt = prompts[g]
         if len(group) < 2:
             continue
         if method == "judge":
             verdict = verdicts[(prompt, group[0], group[1])]
-            agreements.append(verdict.agree)
             if verdict.agree:
                 chosen, rejected = (group[0], group[1]) if verdict.margin > 0 else (group[1], group[0])
                 add(prompt, chosen, rejected, abs(verdict.margin))
@@ -199,9 +199,29 @@ def sampled_pairs(model, tokenizer, prompts: list[str], data_format, method: str
         "prompts_with_a_pair": len(set(pairs["prompt"])),
         "pairs": len(pairs["prompt"]),
         "margin": _quantiles(pairs["margin"]),
-        "both_orders_agree_fraction": sum(agreements) / len(agreements) if agreements else None,
+        # every comparison the judge made; best_of_n uses the mean margin of both orders even where they disagree
+        "both_orders_agree_fraction": sum(v.agree for v in verdicts.values()) / len(verdicts) if verdicts else None,
     }
     return Dataset.from_dict(pairs), stats
+
+
+def check_pair_request(method: str, k: int, min_pairs: int, num_prompts: int, task: str | None) -> None:
+    """What `make_pairs` can tell before any model loads (the pipeline asks before its first step): a known method
+    that fits the prompts (a verifier for `hard_negatives` and `on_policy`), k >= 2 where samples are compared, and
+    `num_prompts` prompts that can give `min_pairs` pairs."""
+    if method not in METHODS:
+        raise UserInputError(f"make-pairs: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if task is None and method in ("hard_negatives", "on_policy"):
+        raise UserInputError(f"make-pairs: method {method} needs a verifiable task (--task); for open-ended "
+                             "instructions use best_of_n or judge, scored by the judge")
+    if k < 2 and method in ("on_policy", "best_of_n"):
+        raise UserInputError(f"make-pairs: method {method} compares samples, so k must be at least 2, got {k}")
+    most = num_prompts * max_pairs_per_prompt(method, k)
+    if most < min_pairs:
+        raise UserInputError(
+            f"make-pairs: {num_prompts} prompts give at most {most} pairs with method {method} (k={k}), fewer than "
+            f"min_pairs {min_pairs}; use at least {-(-min_pairs // max_pairs_per_prompt(method, k))} prompts"
+        )
 
 
 def make_pairs(
@@ -228,25 +248,15 @@ def make_pairs(
 
     from hf_ext.data.tasks import TASKS
 
-    if method not in METHODS:
-        raise UserInputError(f"make-pairs: unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if prompts.task is None and method in ("hard_negatives", "on_policy"):
-        raise UserInputError(f"make-pairs: method {method} needs a verifiable task (--task); for open-ended "
-                             "instructions use best_of_n or judge, scored by the judge")
-    if k < 2 and method in ("on_policy", "best_of_n"):
-        raise UserInputError(f"make-pairs: method {method} compares samples, so k must be at least 2, got {k}")
+    check_pair_request(method, k, min_pairs, prompts.num_prompts, prompts.task)
     rows = prompts.rows()  # an unknown task or a bad instruction file fails here, before any model loads
-    most = len(rows) * max_pairs_per_prompt(method, k)
-    if most < min_pairs:
-        raise UserInputError(
-            f"make-pairs: {len(rows)} prompts give at most {most} pairs with method {method} (k={k}), fewer than "
-            f"min_pairs {min_pairs}; use at least {-(-min_pairs // max_pairs_per_prompt(method, k))} prompts"
-        )
+    check_pair_request(method, k, min_pairs, len(rows), prompts.task)  # a file may hold fewer than asked
     task = TASKS[prompts.task] if prompts.task else None
+    source = {"prompts": prompts.describe()}
     if method == "hard_negatives":
         dataset = task_pairs(task, rows, seed)
         stats = {"method": "hard_negatives", "pairs": len(dataset), "negative_kinds": dict(Counter(dataset["negative_kind"]))}
-        return _write_pairs(dataset, output, stats, min_pairs, source_model=None)
+        return _write_pairs(dataset, output, stats, min_pairs, source_model=None, parameters=source)
 
     from hf_ext.data.formats import FORMATS
     from hf_ext.eval.judge import LogprobJudge
@@ -257,7 +267,7 @@ def make_pairs(
 
     sampler, tokenizer = load(model)
     scorer = None
-    if judge or method == "judge":
+    if judge or method == "judge" or task is None:  # no verifier: the judge scores (by default the model itself)
         judge_model, judge_tokenizer = (sampler, tokenizer) if judge in (None, model) else load(judge)
         scorer = LogprobJudge(judge_model, judge_tokenizer, batch_size=batch_size)
     dataset, stats = sampled_pairs(
@@ -265,18 +275,23 @@ def make_pairs(
         answers=list(rows["answer"]) if task else None, references=list(rows["completion"]) if task else None,
         judge=scorer, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
     )
-    return _write_pairs(dataset, output, {**stats, "data_format": data_format}, min_pairs, source_model=model)
+    parameters = {**source, "judge": (judge or model) if scorer is not None else None}
+    return _write_pairs(dataset, output, {**stats, "data_format": data_format}, min_pairs, source_model=model,
+                        parameters=parameters)
 
 
-def _write_pairs(dataset: Dataset, output: str | Path, stats: dict, min_pairs: int, source_model: str | None) -> dict:
+def _write_pairs(dataset: Dataset, output: str | Path, stats: dict, min_pairs: int, source_model: str | None,
+                 parameters: dict | None = None) -> dict:
     import json
 
     from hf_ext.data.manifest import write_data_file
 
     if len(dataset) < max(min_pairs, 1):
+        on_policy = ", or use method on_policy" if "verifier" in str(stats.get("scored_by")) else ""
         raise UserInputError(
             f"make-pairs: {len(dataset)} pairs, fewer than min_pairs {max(min_pairs, 1)} (a prompt gives no pair when "
-            f"every sample scored the same or the judge's orders disagreed); raise --num_prompts, --k or --temperature, "
-            f"or use method on_policy. Stats: {json.dumps(stats)}"
+            f"every sample scored the same or the judge's orders disagreed); raise --num_prompts, --k or "
+            f"--temperature{on_policy}. Stats: {json.dumps(stats)}"
         )
-    return write_data_file(output, list(dataset), generator="hf_ext.data.pairs", qc=stats, source_model=source_model)
+    return write_data_file(output, list(dataset), generator="hf_ext.data.pairs", qc=stats, source_model=source_model,
+                           parameters=parameters)

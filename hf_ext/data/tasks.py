@@ -8,6 +8,7 @@ samples), SDFT and TTT-Discover.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import string
 from abc import ABC, abstractmethod
@@ -160,6 +161,15 @@ class TrainingPrompts:
     offset: int = 0
     eval_size: int = 200
     split_seed: int = 42
+
+    def __post_init__(self):
+        if self.num_prompts < 1 or self.offset < 0 or self.eval_size < 0:
+            raise UserInputError(f"task {self.task}: num_prompts must be >= 1, offset and eval_size >= 0; got "
+                                 f"{self.num_prompts}, {self.offset} and {self.eval_size}")
+
+    def describe(self) -> dict:
+        """Which prompts these are, as recorded in the manifest of the data made from them."""
+        return dataclasses.asdict(self)
 
     def rows(self):
         """The chosen train-split rows (`prompt`, `answer`)."""

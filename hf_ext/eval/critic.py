@@ -66,7 +66,7 @@ class LogprobCritic(LogprobJudge):
         as_b = [_sigmoid(-m) for m in margins[len(items) :]]
         return [CriticScore((x + y) / 2, x, y) for x, y in zip(as_a, as_b)]
 
-    def filter(self, rows: list[dict], threshold: float) -> None:
+    def reject_below(self, threshold: float, rows: list[dict]) -> None:
         """Score the rows a data tool kept so far (status `kept...`; their `instruction`, with its `response` when
         the rows have one), record `critic` = [score, P(yes) with A meaning yes, with B meaning yes] on each, and
         mark those below `threshold` `rejected_critic`."""

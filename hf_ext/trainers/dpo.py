@@ -80,7 +80,7 @@ class DPOStage(Stage):
 
         encoded = {}
         for name, rows in splits.items():
-            if "margin" in rows.column_names and len(rows) and all(not m for m in rows["margin"]):
+            if "margin" in rows.column_names and len(rows) and all(m == 0 for m in rows["margin"]):
                 raise UserInputError(
                     f"{source} [{name}]: every one of its {len(rows)} pairs is a tie (margin 0: the scorer preferred "
                     "neither response), so DPO has nothing to learn; rebuild the pairs (e.g. `hf-ext data make-pairs "
