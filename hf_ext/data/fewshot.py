@@ -119,9 +119,9 @@ def generate_sft_data(model, tokenizer, instructions: list[str], output: str | P
     pool = OPEN_ENDED_POOL if critic is not None else FEW_SHOT_POOL
 
     def attempt_batch(batch: list[int], start: int, to_do: int) -> list[dict]:
-        prompts = [few_shot_prompt(instructions[i], random.Random(f"{settings.seed}-{i}"), settings.shots, pool)
-                   for i in batch]
-        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        texts = [few_shot_prompt(instructions[i], random.Random(f"{settings.seed}-{i}"), settings.shots, pool)
+                 for i in batch]
+        encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         continuations = generate(
             model, tokenizer, encoded, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature, seed=settings.seed + batch[0], desc=f"Generating SFT data {start}/{to_do}",
