@@ -1,10 +1,12 @@
-"""mHC cost: hf_ext's mHC LM (4 residual streams) vs transformers' `LlamaForCausalLM` of the same shape.
+"""mHC cost: hf_ext's mHC LM (4 residual streams), eager and fused, vs transformers' `LlamaForCausalLM` of the same shape.
 
 Both models are built from one dict of shared Llama fields (`MHCConfig` subclasses `LlamaConfig`), CPU, fp32,
 `attn_implementation="sdpa"`, the same seed before each build. The default shape is recipes/pretrain_mhc.yaml's
 (vocab 8192, hidden 384, intermediate 1024, 6 layers, 6 heads, 2 KV heads, tied embeddings, sequence 256,
-batch 16; mHC with hc_mult 4, 20 Sinkhorn iterations, learned collapse). The two models alternate in one process,
-the first one of each repeat alternating too, a freshly built model each time; we report medians:
+batch 16; mHC with hc_mult 4, 20 Sinkhorn iterations, learned collapse), mHC once with `hc_kernel="eager"` and once
+with `hc_kernel="compiled"` (the hyper-connection math fused by torch.compile, what `"auto"` picks where a compiler
+exists). The three models alternate in one process, the first one of each repeat rotating too, a freshly built model
+each time; we report medians:
 
 1. training step: forward + backward + `torch.optim.AdamW` step (the recipe's lr, betas and weight decay, no
    gradient clipping) on one fixed random batch; seconds per step are the median over the steps of a run (the first
@@ -16,14 +18,19 @@ the first one of each repeat alternating too, a freshly built model each time; w
    generate's own per-token work (logits processors, stopping criteria) included for both models.
 3. peak RSS: a high-water mark needs a process of its own, so each model runs in a child process (this script with
    `--rss_child MODEL`) that builds it and trains `--steps` steps; 2 children per model, alternating. Parameter
-   counts of both models too.
+   counts of the models too.
+4. compile time, paid once per process: in the same children, with an empty inductor cache of their own
+   (`TORCHINDUCTOR_CACHE_DIR`), the first training step minus the median of the later ones, and the same for the
+   first `generate` call (prefill and single-token graphs) minus a later one.
+5. `--profile`: the top operators by self CPU time over 2 training steps of each mHC kernel (torch.profiler, after
+   warm-up), into the JSON and printed.
 
 `--widths 384,768` repeats the training-step comparison at other hidden sizes (head_dim 64, 3 query heads per KV
 head, intermediate 8/3 x hidden) to show how the overhead (memory traffic on the n x C stream tensors) shrinks
 relative to the C^2 matmuls as C grows. Writes `benchmarks/results/mhc.json` and prints the Markdown table for
 `benchmarks/README.md`.
 
-    python benchmarks/mhc.py [--repeats 3] [--steps 6] [--decode_tokens 128] [--widths 384,768]
+    python benchmarks/mhc.py [--repeats 3] [--steps 6] [--decode_tokens 128] [--widths 384,768] [--profile]
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,13 +53,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 RESULTS = Path(__file__).parent / "results" / "mhc.json"
-MODELS = ("mhc", "llama")
+MODELS = ("mhc_eager", "mhc_compiled", "llama")
 HEAD_DIM = 64
 QUERY_HEADS_PER_KV_HEAD = 3  # 6 heads / 2 KV heads in the recipe
 MLP_RATIO = 8 / 3  # 1024 / 384 in the recipe
 PROMPT_TOKENS = 32
 TRAIN_STEP_GOAL = 1.15  # mHC / Llama seconds per step, at most
 DECODE_GOAL = 0.9  # mHC / Llama tokens per second, at least
+RSS_GOAL = 1.1  # mHC / Llama peak resident memory, at most
 # The recipe's hyper-connection settings (recipes/pretrain_mhc.yaml) and optimizer (learning rate, beta2, decay).
 MHC_FIELDS = dict(hc_mult=4, hc_sinkhorn_iters=20, hc_alpha_init=0.01, hc_collapse="learned")
 ADAMW = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -85,8 +94,9 @@ def build_model(kind: str, fields: dict, seed: int):
     from hf_ext.models.mhc import MHCConfig, MHCForCausalLM
 
     torch.manual_seed(seed)
-    if kind == "mhc":
-        model = MHCForCausalLM(MHCConfig(**fields, **MHC_FIELDS, attn_implementation="sdpa"))
+    if kind.startswith("mhc_"):
+        kernel = kind.removeprefix("mhc_")
+        model = MHCForCausalLM(MHCConfig(**fields, **MHC_FIELDS, attn_implementation="sdpa", hc_kernel=kernel))
     else:
         model = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa"))
     return model.to(torch.float32).train()
@@ -139,10 +149,10 @@ def decode_tokens_per_second(model, prompt, new_tokens: int) -> float:
 
 
 def interleaved(repeats: int, measure) -> dict[str, list[float]]:
-    """`measure(kind)` for both models, `repeats` times, alternating which goes first."""
+    """`measure(kind)` for every model, `repeats` times, rotating which goes first."""
     results: dict[str, list[float]] = {kind: [] for kind in MODELS}
     for repeat in range(repeats):
-        for kind in MODELS if repeat % 2 == 0 else MODELS[::-1]:
+        for kind in MODELS[repeat % len(MODELS):] + MODELS[: repeat % len(MODELS)]:
             results[kind].append(measure(kind))
             gc.collect()
             print(f"repeat {repeat} {kind}: {results[kind][-1]:.4g}", file=sys.stderr)
@@ -165,6 +175,8 @@ def training_comparison(fields: dict, args) -> dict[str, list[float]]:
 def decode_comparison(fields: dict, args) -> dict[str, list[float]]:
     """Cached greedy decode tokens/s of each run, per model (a freshly built model each run)."""
     prompt = random_tokens((1, PROMPT_TOKENS), fields["vocab_size"], args.seed + 1)
+    for kind in MODELS:  # compiles the generation graphs once, outside the timings
+        decode_tokens_per_second(build_model(kind, fields, args.seed), prompt, 4)
 
     def measure(kind: str) -> float:
         return decode_tokens_per_second(build_model(kind, fields, args.seed), prompt, args.decode_tokens)
@@ -180,31 +192,65 @@ def child_args(args) -> list[str]:
 
 
 def child_peak_rss(args, rounds: int = 2) -> dict[str, list[dict[str, float]]]:
-    """`{"peak_rss_mb", "import_rss_mb"}` of `--rss_child MODEL` child processes, alternating models, `rounds` each.
+    """`{"peak_rss_mb", "import_rss_mb", "first_step_extra_s", "first_generate_extra_s"}` of `--rss_child MODEL`
+    child processes, alternating models, `rounds` each, each with an empty inductor cache of its own.
 
     Like `child_peak_rss` in sft_overhead.py, which forwards only `--batch_size` (and fixes 3 steps), while these
     children need the whole shape."""
     rss: dict[str, list[dict[str, float]]] = {kind: [] for kind in MODELS}
     for _ in range(rounds):
         for kind in MODELS:
-            child = subprocess.run([sys.executable, __file__, "--rss_child", kind, *child_args(args)],
-                                   capture_output=True, text=True, check=True)
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+                child = subprocess.run([sys.executable, __file__, "--rss_child", kind, *child_args(args)],
+                                       capture_output=True, text=True, check=True, env=env)
             rss[kind].append(json.loads(child.stdout.strip().splitlines()[-1]))
     return rss
 
 
 def rss_child(kind: str, fields: dict, args) -> None:
-    """Builds `kind`, trains `--steps` steps, prints the peak RSS (and the RSS before the model was built) as JSON."""
-    import torch  # noqa: F401
+    """Builds `kind`, trains `--steps` steps, prints the peak RSS (and the RSS before the model was built) as JSON,
+    with the first step's and the first `generate`'s extra seconds (the compile time, for the compiled kernel)."""
+    import torch
     from transformers import LlamaForCausalLM  # noqa: F401
 
     from hf_ext.models.mhc import MHCForCausalLM  # noqa: F401
 
     import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model = build_model(kind, fields, args.seed)
-    train_step_times(model, random_tokens((args.batch_size, args.seq_len), fields["vocab_size"], args.seed), args.steps)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "import_rss_mb": import_rss}))
+    times = train_step_times(model, random_tokens((args.batch_size, args.seq_len), fields["vocab_size"], args.seed),
+                             args.steps)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model.eval()
+    prompt = random_tokens((1, PROMPT_TOKENS), fields["vocab_size"], args.seed + 1)
+    generate_times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, min_new_tokens=4,
+                       do_sample=False, pad_token_id=model.config.pad_token_id)
+        generate_times.append(time.perf_counter() - start)
+    print(json.dumps({"peak_rss_mb": peak_rss, "import_rss_mb": import_rss,
+                      "first_step_extra_s": times[0] - statistics.median(times[1:]),
+                      "first_generate_extra_s": generate_times[0] - statistics.median(generate_times[1:])}))
+
+
+def top_operators(fields: dict, args, rows: int = 12) -> dict[str, list[dict]]:
+    """The `rows` operators with the most self CPU time over 2 training steps, per model (a compiled graph counts as
+    one operator, `## Call CompiledFxGraph ... ##`)."""
+    from torch.profiler import profile
+
+    input_ids = random_tokens((args.batch_size, args.seq_len), fields["vocab_size"], args.seed)
+    tables = {}
+    for kind in ("mhc_eager", "mhc_compiled", "llama"):
+        model = build_model(kind, fields, args.seed)
+        train_step_times(model, input_ids, 2)
+        with profile() as prof:
+            train_step_times(model, input_ids, 2)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        tables[kind] = [{"name": e.key[:90], "self_ms_per_step": e.self_cpu_time_total / 2e3, "calls_per_step":
+                         e.count / 2, "share": e.self_cpu_time_total / total} for e in events[:rows]]
+    return tables
 
 
 def summary(values: dict[str, list[float]]) -> dict[str, float]:
@@ -224,6 +270,7 @@ def main() -> None:
     parser.add_argument("--widths", type=str, default=None, help="comma-separated hidden sizes for the training-step "
                         "ratio, e.g. 384,768")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--profile", action="store_true", help="also record the top operators of a training step")
     parser.add_argument("--rss_child", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2 or args.decode_tokens < 2:
@@ -243,6 +290,7 @@ def main() -> None:
     train = training_comparison(fields, args)
     decode = decode_comparison(fields, args)
     rss = child_peak_rss(args)
+    profile = top_operators(fields, args) if args.profile else None
     parameters = {kind: build_model(kind, fields, args.seed).num_parameters() for kind in MODELS}
     by_width: dict[str, dict] = {}
     for width in widths:
@@ -250,15 +298,21 @@ def main() -> None:
         times = train if width_fields == fields else training_comparison(width_fields, args)
         median = summary(times)
         by_width[str(width)] = {"config": width_fields, "seconds_per_step": times, "median_seconds_per_step": median,
-                                "ratio_mhc_over_llama": median["mhc"] / median["llama"]}
+                                "ratio_over_llama": {k: median[k] / median["llama"] for k in MODELS}}
 
     train_median, decode_median = summary(train), summary(decode)
     peak = summary({kind: [r["peak_rss_mb"] for r in runs] for kind, runs in rss.items()})
-    train_ratio = train_median["mhc"] / train_median["llama"]
-    decode_ratio = decode_median["mhc"] / decode_median["llama"]
+    compile_step = summary({kind: [r["first_step_extra_s"] for r in runs] for kind, runs in rss.items()})
+    compile_generate = summary({kind: [r["first_generate_extra_s"] for r in runs] for kind, runs in rss.items()})
+    train_ratio = {kind: train_median[kind] / train_median["llama"] for kind in MODELS}
+    decode_ratio = {kind: decode_median[kind] / decode_median["llama"] for kind in MODELS}
+    rss_ratio = {kind: peak[kind] / peak["llama"] for kind in MODELS}
+    goals = {kind: {"train_met": train_ratio[kind] <= TRAIN_STEP_GOAL, "decode_met": decode_ratio[kind] >= DECODE_GOAL,
+                    "rss_met": rss_ratio[kind] <= RSS_GOAL} for kind in MODELS if kind != "llama"}
     result = {
         "benchmark": "mhc",
         "command": f"python benchmarks/mhc.py {' '.join(sys.argv[1:])}".strip(),
+        "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "config": {"shared": fields, "mhc": MHC_FIELDS, "dtype": "float32", "attn_implementation": "sdpa",
                    "batch_size": args.batch_size, "seq_len": args.seq_len, "optimizer": "AdamW", **ADAMW,
@@ -269,38 +323,60 @@ def main() -> None:
         "parameters": parameters,
         "train_seconds_per_step": train,
         "median_train_seconds_per_step": train_median,
-        "train_ratio_mhc_over_llama": train_ratio,
+        "train_ratio_over_llama": train_ratio,
         "decode_tokens_per_second": decode,
         "median_decode_tokens_per_second": decode_median,
-        "decode_ratio_mhc_over_llama": decode_ratio,
+        "decode_ratio_over_llama": decode_ratio,
         "peak_rss_mb": rss,
         "median_peak_rss_mb": peak,
-        "rss_ratio_mhc_over_llama": peak["mhc"] / peak["llama"],
-        "goals": {
-            "train_ratio_at_most": TRAIN_STEP_GOAL, "train_met": train_ratio <= TRAIN_STEP_GOAL,
-            "decode_ratio_at_least": DECODE_GOAL, "decode_met": decode_ratio >= DECODE_GOAL,
-        },
+        "rss_ratio_over_llama": rss_ratio,
+        "median_compile_seconds": {"first_training_step_extra": compile_step, "first_generate_extra": compile_generate},
+        "goals": {"train_ratio_at_most": TRAIN_STEP_GOAL, "decode_ratio_at_least": DECODE_GOAL,
+                  "rss_ratio_at_most": RSS_GOAL, "met": goals},
     }
     if by_width:
         result["train_by_width"] = by_width
+    if profile:
+        result["profile_top_self_cpu"] = profile
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
 
-    rounds = len(rss["mhc"])
-    print("| measure | mHC (n=4) | Llama | ratio |\n|---|---|---|---|")
+    def verdict(met: bool) -> str:
+        return "met" if met else "**missed**"
+
+    rounds = len(rss["mhc_eager"])
+    print("| measure | mHC eager | mHC compiled | Llama | eager / Llama | compiled / Llama | goal (compiled) |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| training step, batch {args.batch_size} x {args.seq_len} (s, median of {args.repeats}) | "
-          f"{train_median['mhc']:.3f} | {train_median['llama']:.3f} | {train_ratio:.3f}x |")
+          f"{train_median['mhc_eager']:.3f} | {train_median['mhc_compiled']:.3f} | {train_median['llama']:.3f} | "
+          f"{train_ratio['mhc_eager']:.3f}x | {train_ratio['mhc_compiled']:.3f}x | <= {TRAIN_STEP_GOAL}x: "
+          f"{verdict(goals['mhc_compiled']['train_met'])} |")
     for width, row in by_width.items():
         if int(width) != args.hidden_size:
-            median = row["median_seconds_per_step"]
-            print(f"| training step, hidden {width} (s, median of {args.repeats}) | {median['mhc']:.3f} | "
-                  f"{median['llama']:.3f} | {row['ratio_mhc_over_llama']:.3f}x |")
+            median, ratio = row["median_seconds_per_step"], row["ratio_over_llama"]
+            print(f"| training step, hidden {width} (s, median of {args.repeats}) | {median['mhc_eager']:.3f} | "
+                  f"{median['mhc_compiled']:.3f} | {median['llama']:.3f} | {ratio['mhc_eager']:.3f}x | "
+                  f"{ratio['mhc_compiled']:.3f}x | - |")
     print(f"| decode, batch 1, {args.decode_tokens} tokens (tokens/s, median of {args.repeats}) | "
-          f"{decode_median['mhc']:.1f} | {decode_median['llama']:.1f} | {decode_ratio:.3f}x |")
-    print(f"| peak RSS, {args.steps} steps (MB, median of {rounds}) | {peak['mhc']:.0f} | {peak['llama']:.0f} | "
-          f"{result['rss_ratio_mhc_over_llama']:.2f}x |")
-    print(f"| parameters | {parameters['mhc']:,} | {parameters['llama']:,} | "
-          f"{parameters['mhc'] / parameters['llama']:.3f}x |")
+          f"{decode_median['mhc_eager']:.1f} | {decode_median['mhc_compiled']:.1f} | {decode_median['llama']:.1f} | "
+          f"{decode_ratio['mhc_eager']:.3f}x | {decode_ratio['mhc_compiled']:.3f}x | >= {DECODE_GOAL}x: "
+          f"{verdict(goals['mhc_compiled']['decode_met'])} |")
+    print(f"| peak RSS, {args.steps} steps (MB, median of {rounds}) | {peak['mhc_eager']:.0f} | "
+          f"{peak['mhc_compiled']:.0f} | {peak['llama']:.0f} | {rss_ratio['mhc_eager']:.2f}x | "
+          f"{rss_ratio['mhc_compiled']:.2f}x | <= {RSS_GOAL}x: {verdict(goals['mhc_compiled']['rss_met'])} |")
+    print(f"| compile time paid once: first training step / first generate (s, cold cache, median of {rounds}) | "
+          f"{compile_step['mhc_eager']:.1f} / {compile_generate['mhc_eager']:.1f} | "
+          f"{compile_step['mhc_compiled']:.1f} / {compile_generate['mhc_compiled']:.1f} | "
+          f"{compile_step['llama']:.1f} / {compile_generate['llama']:.1f} | - | - | - |")
+    print(f"| parameters | {parameters['mhc_eager']:,} | {parameters['mhc_compiled']:,} | {parameters['llama']:,} | "
+          f"{parameters['mhc_eager'] / parameters['llama']:.3f}x | {parameters['mhc_compiled'] / parameters['llama']:.3f}x"
+          " | - |")
+    for kind, rows in (profile or {}).items():
+        print(f"\n{kind}: top operators by self CPU time per training step")
+        print("| operator | ms / step | calls / step | share |\n|---|---|---|---|")
+        for row in rows:
+            print(f"| `{row['name']}` | {row['self_ms_per_step']:.1f} | {row['calls_per_step']:.0f} | "
+                  f"{row['share']:.1%} |")
 
 
 if __name__ == "__main__":

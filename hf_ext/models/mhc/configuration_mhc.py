@@ -12,6 +12,7 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 
 HC_COLLAPSE_MODES = ("learned", "sum", "mean")
 HC_PRE_INITS = ("uniform", "layer_mod_n")
+HC_KERNELS = ("auto", "eager", "compiled")
 
 
 @strict
@@ -40,6 +41,11 @@ class MHCConfig(LlamaConfig):
         projection, DeepSeek-V4), `"sum"` (HC) or `"mean"` (Megatron-LM).
     residual_dropout (`float`, defaults to 0.0):
         Dropout on each attention / MLP output before it is written into the streams.
+    hc_kernel (`str`, defaults to `"auto"`):
+        How the hyper-connection math (mappings, Sinkhorn, weighted read, mixing write, learned collapse) runs:
+        `"eager"` (plain PyTorch ops), `"compiled"` (fused by `torch.compile`: C++ kernels on a CPU, Triton on a
+        GPU) or `"auto"` (compiled where the device has a compiler backend, else eager). A compiled path that
+        cannot be built logs one line and falls back to eager. Only the speed differs, not the results.
     """
 
     model_type = "mhc_lm"
@@ -54,6 +60,7 @@ class MHCConfig(LlamaConfig):
     hc_res_diag_init: float = 0.0
     hc_collapse: str = "learned"
     residual_dropout: float = 0.0
+    hc_kernel: str = "auto"
 
     def __post_init__(self, **kwargs):
         # Checked before Llama's own validators so every bad field is a plain `ValueError` naming it.
@@ -67,6 +74,8 @@ class MHCConfig(LlamaConfig):
             raise ValueError(f"hc_sinkhorn_iters must be >= 1, got {self.hc_sinkhorn_iters}")
         if self.hc_collapse not in HC_COLLAPSE_MODES:
             raise ValueError(f"hc_collapse must be one of {HC_COLLAPSE_MODES}, got {self.hc_collapse!r}")
+        if self.hc_kernel not in HC_KERNELS:
+            raise ValueError(f"hc_kernel must be one of {HC_KERNELS}, got {self.hc_kernel!r}")
         if self.hc_pre_init not in HC_PRE_INITS:
             raise ValueError(f"hc_pre_init must be one of {HC_PRE_INITS}, got {self.hc_pre_init!r}")
         if self.hc_eps <= 0 or self.hc_norm_eps <= 0:

@@ -42,11 +42,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mhc import MHCConfig
+
+
+logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (5.23 and older `generate`
 # still pass `past_key_values=`). Outputs carry the cache under the installed version's field name, forwards take it
@@ -89,6 +92,16 @@ def sinkhorn(logits: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
     `iterations - 1` times row- and column-normalise; every divisor is `sum + eps`. The columns of the result sum to
     1 exactly; the rows approximately (closer with more iterations and flatter logits).
     """
+    if logits.shape[-1] == 1:
+        # One stream: the softmax of one logit is 1, so the result is the same number for every token. Computed here
+        # (exactly as below), because compiled, the chain of 2 x iterations pointwise steps, each reading the last
+        # one twice, is inlined into one expression of 4^iterations terms.
+        value = 1.0 + eps
+        value = value / (value + eps)
+        for _ in range(iterations - 1):
+            value = value / (value + eps)
+            value = value / (value + eps)
+        return logits * 0 + value  # (zero gradient, as the softmax of one logit has)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iterations - 1):
@@ -97,9 +110,49 @@ def sinkhorn(logits: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
     return comb
 
 
+class SinkhornWithRecompute(torch.autograd.Function):
+    """`sinkhorn` whose backward recomputes the iterations from the logits (DeepSeek's recompute strategy).
+
+    Plain autograd would keep two intermediate matrices per iteration and token for the backward, 40 x n^2 floats
+    per token and sub-layer at 20 iterations (more than the n x hidden streams themselves at hidden 384); this keeps
+    only the logits, so training memory does not grow with `hc_sinkhorn_iters`.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(logits)
+        ctx.iterations, ctx.eps = iterations, eps
+        return sinkhorn(logits, iterations, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_comb: torch.Tensor):
+        (logits,) = ctx.saved_tensors
+        with torch.enable_grad():
+            logits = logits.detach().requires_grad_()
+            (grad_logits,) = torch.autograd.grad(sinkhorn(logits, ctx.iterations, ctx.eps), logits, grad_comb)
+        return grad_logits, None, None
+
+
+def project_doubly_stochastic(logits: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
+    """`sinkhorn`, recomputed in the backward when eager; under `torch.compile` the compiler's partitioner chooses
+    what to keep (what it keeps does not grow with the iterations either: tests/test_mhc_kernels.py)."""
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and logits.requires_grad):
+        return sinkhorn(logits, iterations, eps)
+    return SinkhornWithRecompute.apply(logits, iterations, eps)
+
+
 def weighted_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """`sum_j weights[.., j] * streams[.., j, :]` as a batched matmul: broadcast-multiply-and-sum over the stream axis
-    has a backward that reduces over a strided axis, ~30x slower on CPU."""
+    """`sum_j weights[.., j] * streams[.., j, :]`.
+
+    Eager, a batched matmul: broadcast-multiply-and-sum over the stream axis has a backward that reduces over a
+    strided axis (~30x slower on CPU), and unrolling over j costs 2n passes over the streams. Under `torch.compile`,
+    unrolled over the n streams: inductor fuses that into one loop over the contiguous hidden axis, forward and
+    backward (a batched matmul of n x n matrices stays an opaque library call there: 76 against 66 ms for one
+    hyper-connection's forward + backward at 4096 tokens, hidden 384, measured on a 2-core CPU).
+    """
+    if torch.compiler.is_compiling():
+        return sum(weights[..., j, None] * streams[..., j, :] for j in range(streams.shape[-2]))
     return torch.matmul(weights.unsqueeze(-2), streams).squeeze(-2)
 
 
@@ -108,6 +161,157 @@ def normalized_projection(flat: torch.Tensor, weight: torch.Tensor, eps: float) 
     and one pass less over the `n * hidden` streams; fused mHC kernels do the same)."""
     inverse_rms = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1] + eps)
     return F.linear(flat, weight) * inverse_rms
+
+
+def hyper_connection_mappings(
+    streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iterations: int, eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(pre [.., n], post [.., n], comb [.., n, n])` in fp32 for streams `[.., n, hidden]` (see the module docstring)."""
+    n = streams.shape[-2]
+    with torch.autocast(device_type=streams.device.type, enabled=False):
+        mixes = normalized_projection(streams.flatten(-2).float(), fn.float(), norm_eps)
+        pre_w, post_w, res_w = mixes.split([n, n, n * n], dim=-1)
+        pre_b, post_b, res_b = base.float().split([n, n, n * n])
+        pre_scale, post_scale, res_scale = scale.float().unbind(0)
+        pre = torch.sigmoid(pre_w * pre_scale + pre_b) + eps
+        post = 2 * torch.sigmoid(post_w * post_scale + post_b)
+        res_logits = res_w.unflatten(-1, (n, n)) * res_scale + res_b.view(n, n)
+        comb = project_doubly_stochastic(res_logits, iterations, eps)
+    return pre, post, comb
+
+
+def read_streams(
+    streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iterations: int, eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One hyper-connection's read: `(post, comb, sum_j H_pre[j] x[j])`, the first two kept for `write_streams`."""
+    pre, post, comb = hyper_connection_mappings(streams, fn, base, scale, iterations, eps, norm_eps)
+    return post, comb, weighted_sum(pre.to(streams.dtype), streams)
+
+
+def write_streams(streams: torch.Tensor, output: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """`x'[k] = sum_j comb[j, k] x[j] + H_post[k] y` (eager as matmuls, compiled unrolled: see `weighted_sum`)."""
+    dtype = streams.dtype
+    comb, post = comb.to(dtype), post.to(dtype)
+    if torch.compiler.is_compiling():
+        mixed = [weighted_sum(comb[..., k], streams) + post[..., k, None] * output for k in range(streams.shape[-2])]
+        return torch.stack(mixed, dim=-2)
+    return torch.matmul(comb.transpose(-1, -2), streams) + torch.matmul(post.unsqueeze(-1), output.unsqueeze(-2))
+
+
+def collapse_learned(
+    streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, eps: float, norm_eps: float
+) -> torch.Tensor:
+    """DeepSeek-V4's head collapse: `sum_j w_j x[j]`, `w = sigmoid(alpha (z Phi) + b) + eps`, weights in fp32."""
+    with torch.autocast(device_type=streams.device.type, enabled=False):
+        mixes = normalized_projection(streams.flatten(-2).float(), fn.float(), norm_eps)
+        weights = torch.sigmoid(mixes * scale.float() + base.float()) + eps
+    return weighted_sum(weights.to(streams.dtype), streams)
+
+
+class HyperConnectionKernels:
+    """Runs the hyper-connection functions above eagerly or fused by `torch.compile` (`config.hc_kernel`).
+
+    Eager, every function is a dozen small kernels (the Sinkhorn loop alone ~80), each a pass over the
+    `[tokens, n, hidden]` streams or a launch for a few floats: memory traffic in training, launch overhead in
+    decoding. Compiled, inductor fuses each function into a few loops (C++/OpenMP on a CPU, Triton on a GPU).
+
+    One shared instance (`HC_KERNELS`) holds the compiled functions, so that every layer and every model of the
+    process reuses them. The per-token dimensions are flattened into one dimension marked dynamic, so training,
+    prefill and batched decoding share one graph per grad mode and single-token decoding (1 token, specialised by
+    torch) one more: nothing recompiles per decoding step. A compiled path that cannot be built (no C++ compiler,
+    no Triton, an unsupported device or Python) logs one line and the eager functions are used from then on.
+    """
+
+    COMPILABLE_DEVICES = ("cpu", "cuda")
+
+    def __init__(self):
+        self.compiled: dict = {}
+        self.available: set[str] = set()  # device types whose compiler backend was found
+        self.unavailable: dict[str, str] = {}  # device type -> why its compiled path is not used
+
+    def __call__(self, kernel: str, function, token_args: tuple, other_args: tuple):
+        """`function(*token_args, *other_args)`; `token_args` are the per-token tensors `[*lead, ...]`, all with the
+        same leading dimensions as the first (the streams), every output too."""
+        device = token_args[0].device.type
+        if kernel == "eager" or torch.compiler.is_compiling() or not self.usable(kernel, device):
+            return function(*token_args, *other_args)
+        try:
+            return self.call_compiled(function, token_args, other_args)
+        except Exception as error:  # noqa: BLE001  (narrowed by is_compile_failure)
+            if not is_compile_failure(error):
+                raise
+            # An error of the inputs themselves raises here again, eagerly, and leaves the compiled path enabled.
+            outputs = function(*token_args, *other_args)
+            message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+            self.available.discard(device)
+            self.unavailable[device] = f"torch.compile failed ({type(error).__name__}: {message})"
+            logger.warning(f"mHC hc_kernel={kernel!r}: {self.unavailable[device]}; using the eager hyper-connections")
+            return outputs
+
+    def usable(self, kernel: str, device: str) -> bool:
+        if device in self.available:
+            return True
+        if device not in self.unavailable:
+            reason = compiler_unavailable(device)
+            if reason is None:
+                self.available.add(device)
+                return True
+            self.unavailable[device] = reason
+            logger.warning(f"mHC hc_kernel={kernel!r}: {reason}; using the eager hyper-connections")
+        return False
+
+    def call_compiled(self, function, token_args: tuple, other_args: tuple):
+        device = token_args[0].device.type
+        compiled = self.compiled.get((function, device))
+        if compiled is None:
+            # On a CPU the generated C++ wrapper (instead of Python) halves the cost of a decoding step's call.
+            options = {"cpp_wrapper": True} if device == "cpu" else None
+            compiled = self.compiled[function, device] = torch.compile(function, fullgraph=True, options=options)
+        lead = token_args[0].shape[:-2]
+        flat_args = []
+        for tensor in token_args:
+            flat = tensor.reshape(-1, *tensor.shape[len(lead):])
+            torch._dynamo.maybe_mark_dynamic(flat, 0)
+            flat_args.append(flat)
+        outputs = compiled(*flat_args, *other_args)
+        if isinstance(outputs, torch.Tensor):
+            return outputs.reshape(*lead, *outputs.shape[1:])
+        return tuple(output.reshape(*lead, *output.shape[1:]) for output in outputs)
+
+
+def compiler_unavailable(device: str) -> str | None:
+    """Why `torch.compile` cannot fuse the hyper-connections on `device`, or None if it can."""
+    if device not in HyperConnectionKernels.COMPILABLE_DEVICES:
+        return f"no compiled path for device {device!r}"
+    try:
+        if not torch._dynamo.is_dynamo_supported():
+            return "torch.compile is not supported on this Python"
+        if device == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        else:
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "Triton is not installed"
+    except Exception as error:  # noqa: BLE001  (private torch APIs: any failure means "not available")
+        return f"no compiler backend ({type(error).__name__}: {error})"
+    return None
+
+
+def is_compile_failure(error: Exception) -> bool:
+    """A failure of dynamo / inductor to build code (not an error of the computation itself)."""
+    module = type(error).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor")) or isinstance(error, (OSError, ImportError))
+
+
+HC_KERNELS = HyperConnectionKernels()
+# Up to this many tokens without autograd (decoding steps), `hc_kernel="auto"` writes the streams eagerly: two small
+# matmuls (~20 us at one token on a CPU) cost less than a compiled call's fixed guard and wrapper cost (~45 us).
+EAGER_WRITE_MAX_TOKENS = 64
 
 
 class FP32ParametersMixin:
@@ -141,6 +345,7 @@ class MHCHyperConnection(FP32ParametersMixin, nn.Module):
         self.norm_eps = config.hc_norm_eps
         self.sublayer_idx = sublayer_idx
         self.name = name  # for error messages: "layer 3 attn_hc"
+        self.kernel = config.hc_kernel
         n = config.hc_mult
         self.fn = nn.Parameter(torch.empty(n * n + 2 * n, n * config.hidden_size))
         self.base = nn.Parameter(torch.empty(n * n + 2 * n))
@@ -157,30 +362,22 @@ class MHCHyperConnection(FP32ParametersMixin, nn.Module):
         return torch.cat([pre, post, res.flatten()])
 
     def mappings(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(pre [.., n], post [.., n], comb [.., n, n])` in fp32 for streams `[.., n, hidden]`."""
-        n = self.hc_mult
-        with torch.autocast(device_type=streams.device.type, enabled=False):
-            mixes = normalized_projection(streams.flatten(-2).float(), self.fn.float(), self.norm_eps)
-            pre_w, post_w, res_w = mixes.split([n, n, n * n], dim=-1)
-            pre_b, post_b, res_b = self.base.float().split([n, n, n * n])
-            pre_scale, post_scale, res_scale = self.scale.float().unbind(0)
-            pre = torch.sigmoid(pre_w * pre_scale + pre_b) + self.eps
-            post = 2 * torch.sigmoid(post_w * post_scale + post_b)
-            res_logits = res_w.unflatten(-1, (n, n)) * res_scale + res_b.view(n, n)
-            comb = sinkhorn(res_logits, self.sinkhorn_iters, self.eps)
-        return pre, post, comb
+        """`(pre [.., n], post [.., n], comb [.., n, n])` in fp32 for streams `[.., n, hidden]` (always eager)."""
+        return hyper_connection_mappings(
+            streams, self.fn, self.base, self.scale, self.sinkhorn_iters, self.eps, self.norm_eps
+        )
 
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns `(post, comb, collapsed)`: the write and mix matrices and the sub-layer input `sum_j H_pre[j] x[j]`."""
-        pre, post, comb = self.mappings(streams)
-        return post, comb, weighted_sum(pre.to(streams.dtype), streams)
+        other_args = (self.fn, self.base, self.scale, self.sinkhorn_iters, self.eps, self.norm_eps)
+        return HC_KERNELS(self.kernel, read_streams, (streams,), other_args)
 
-    @staticmethod
-    def combine(streams: torch.Tensor, output: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """`x'[k] = sum_j comb[j, k] x[j] + H_post[k] y` (both terms as matmuls, see `weighted_sum`)."""
-        dtype = streams.dtype
-        mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
-        return mixed + torch.matmul(post.to(dtype).unsqueeze(-1), output.unsqueeze(-2))
+    def combine(self, streams: torch.Tensor, output: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """`x'[k] = sum_j comb[j, k] x[j] + H_post[k] y`."""
+        kernel = self.kernel
+        if kernel == "auto" and not torch.is_grad_enabled() and output[..., 0].numel() <= EAGER_WRITE_MAX_TOKENS:
+            kernel = "eager"
+        return HC_KERNELS(kernel, write_streams, (streams, output, post, comb), ())
 
 
 class MHCHyperHead(FP32ParametersMixin, nn.Module):
@@ -194,13 +391,11 @@ class MHCHyperHead(FP32ParametersMixin, nn.Module):
         self.hc_fn = nn.Parameter(torch.empty(n, n * config.hidden_size))
         self.hc_base = nn.Parameter(torch.empty(n))
         self.hc_scale = nn.Parameter(torch.empty(1))
+        self.kernel = config.hc_kernel
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=streams.device.type, enabled=False):
-            mixes = normalized_projection(streams.flatten(-2).float(), self.hc_fn.float(), self.norm_eps)
-            weights = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float())
-            weights = weights + self.eps
-        return weighted_sum(weights.to(streams.dtype), streams)
+        other_args = (self.hc_fn, self.hc_base, self.hc_scale, self.eps, self.norm_eps)
+        return HC_KERNELS(self.kernel, collapse_learned, (streams,), other_args)
 
 
 class MHCDecoderLayer(GradientCheckpointingLayer):
