@@ -68,6 +68,7 @@ def compiled_graphs() -> int:
 def fresh_dynamo():
     torch._dynamo.reset()
     counters.clear()
+    HC_KERNELS.available.clear(), HC_KERNELS.unavailable.clear()
     yield
     assert "cpu" not in HC_KERNELS.unavailable, HC_KERNELS.unavailable
 
@@ -89,7 +90,8 @@ def test_compiled_equals_eager_outputs_and_every_gradient_on_a_padded_batch(hc_m
     reference = loss_and_gradients(eager.train(), batch)
     assert compiled_graphs() == 0
     assert_same(reference, loss_and_gradients(compiled.train(), batch))
-    assert compiled_graphs() >= 2  # read and write (and the learned head) were compiled, not run eagerly
+    # read, write and the learned head were compiled (once each, for both layers), not run eagerly
+    assert compiled_graphs() == (3 if collapse == "learned" else 2)
 
 
 def test_compiled_equals_eager_with_gradient_checkpointing():
@@ -98,6 +100,7 @@ def test_compiled_equals_eager_with_gradient_checkpointing():
     reference = loss_and_gradients(eager.train(), batch)
     compiled.gradient_checkpointing_enable()
     assert_same(reference, loss_and_gradients(compiled.train(), batch))
+    assert compiled_graphs() == 3
 
 
 def test_compiled_equals_eager_under_qlora(tmp_path):
@@ -136,6 +139,22 @@ def test_bf16_model_keeps_the_mapping_math_in_fp32():
     # the mixing matrices come from bf16-rounded streams, in fp32: well inside bf16's own 8e-3 resolution
     torch.testing.assert_close(comb, reference[1], atol=2e-3, rtol=0)
     torch.testing.assert_close(collapsed.float(), reference[2], atol=5e-2, rtol=2e-2)
+
+
+def test_bf16_autocast_keeps_the_streams_in_their_dtype_with_both_kernels():
+    eager, compiled = twins(hc_mult=4)
+    batch = padded_batch()
+    outputs = []
+    for model in (eager.train(), compiled.train()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**batch, output_hidden_states=True)
+        out.loss.backward()
+        assert all(streams.dtype == torch.float32 for streams in out.hidden_streams)
+        outputs.append((out.logits.float().detach(), model.model.layers[0].attn_hc.fn.grad.clone()))
+    (eager_logits, eager_grad), (logits, grad) = outputs
+    # attention and MLP run in bf16 under autocast in both; the hyper-connections in fp32 in both
+    torch.testing.assert_close(logits, eager_logits, atol=1e-2, rtol=0)
+    torch.testing.assert_close(grad, eager_grad, atol=1e-3, rtol=1e-2)
 
 
 def test_generation_does_not_recompile_per_decoding_step():
@@ -183,10 +202,10 @@ def test_training_memory_does_not_grow_with_the_sinkhorn_iterations(kernel):
         (post.sum() + comb.square().sum() + collapsed.sum()).backward()
         return sum(total)
 
-    at_5, at_20, at_40 = saved_bytes(5), saved_bytes(20), saved_bytes(40)
-    # Plain autograd through the iterations would keep ~2 x 64 x 16 floats more per iteration (8 KiB); compiled, the
-    # partitioner may keep one more per-token n-vector (1 KiB) at some iteration counts, then nothing grows.
-    assert at_40 == at_20 and abs(at_20 - at_5) <= 64 * 4 * 4, (at_5, at_20, at_40)
+    sizes = [saved_bytes(iterations) for iterations in (5, 20, 40)]
+    # Plain autograd through the iterations would keep ~2 x 64 x 16 floats more per iteration (8 KiB, 280 KiB from
+    # 5 to 40); compiled, the partitioner may keep one more per-token n-vector (1 KiB) at some iteration counts.
+    assert max(sizes) - min(sizes) <= 64 * 4 * 4, sizes
 
 
 def test_recomputed_sinkhorn_backward_equals_autograd_through_the_iterations():

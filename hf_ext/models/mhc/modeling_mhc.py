@@ -28,6 +28,7 @@ torch, transformers and its own folder, and speaks both cache vocabularies of th
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -93,9 +94,9 @@ def sinkhorn(logits: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
     1 exactly; the rows approximately (closer with more iterations and flatter logits).
     """
     if logits.shape[-1] == 1:
-        # One stream: the softmax of one logit is 1, so the result is the same number for every token. Computed here
-        # (exactly as below), because compiled, the chain of 2 x iterations pointwise steps, each reading the last
-        # one twice, is inlined into one expression of 4^iterations terms.
+        # One stream: the softmax of one logit is 1, so the result is the same number for every token, computed here
+        # (the steps below, in Python floats: equal to rounding), because compiled, the chain of 2 x iterations
+        # pointwise steps, each reading the last one twice, is inlined into one expression of 4^iterations terms.
         value = 1.0 + eps
         value = value / (value + eps)
         for _ in range(iterations - 1):
@@ -115,7 +116,7 @@ class SinkhornWithRecompute(torch.autograd.Function):
 
     Plain autograd would keep two intermediate matrices per iteration and token for the backward, 40 x n^2 floats
     per token and sub-layer at 20 iterations (more than the n x hidden streams themselves at hidden 384); this keeps
-    only the logits, so training memory does not grow with `hc_sinkhorn_iters`.
+    only the logits, so training memory does not grow with `hc_sinkhorn_iters`. (No double backward through it.)
     """
 
     @staticmethod
@@ -128,7 +129,7 @@ class SinkhornWithRecompute(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_comb: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.detach().requires_grad_()
             (grad_logits,) = torch.autograd.grad(sinkhorn(logits, ctx.iterations, ctx.eps), logits, grad_comb)
         return grad_logits, None, None
@@ -187,17 +188,19 @@ def read_streams(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One hyper-connection's read: `(post, comb, sum_j H_pre[j] x[j])`, the first two kept for `write_streams`."""
     pre, post, comb = hyper_connection_mappings(streams, fn, base, scale, iterations, eps, norm_eps)
-    return post, comb, weighted_sum(pre.to(streams.dtype), streams)
+    with torch.autocast(device_type=streams.device.type, enabled=False):  # the streams keep their dtype, as a residual
+        return post, comb, weighted_sum(pre.to(streams.dtype), streams)
 
 
 def write_streams(streams: torch.Tensor, output: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """`x'[k] = sum_j comb[j, k] x[j] + H_post[k] y` (eager as matmuls, compiled unrolled: see `weighted_sum`)."""
     dtype = streams.dtype
-    comb, post = comb.to(dtype), post.to(dtype)
-    if torch.compiler.is_compiling():
-        mixed = [weighted_sum(comb[..., k], streams) + post[..., k, None] * output for k in range(streams.shape[-2])]
-        return torch.stack(mixed, dim=-2)
-    return torch.matmul(comb.transpose(-1, -2), streams) + torch.matmul(post.unsqueeze(-1), output.unsqueeze(-2))
+    comb, post, output = comb.to(dtype), post.to(dtype), output.to(dtype)
+    with torch.autocast(device_type=streams.device.type, enabled=False):  # the streams keep their dtype, as a residual
+        if torch.compiler.is_compiling():
+            mixed = [weighted_sum(comb[..., k], streams) + post[..., k, None] * output for k in range(streams.shape[-2])]
+            return torch.stack(mixed, dim=-2)
+        return torch.matmul(comb.transpose(-1, -2), streams) + torch.matmul(post.unsqueeze(-1), output.unsqueeze(-2))
 
 
 def collapse_learned(
@@ -207,7 +210,7 @@ def collapse_learned(
     with torch.autocast(device_type=streams.device.type, enabled=False):
         mixes = normalized_projection(streams.flatten(-2).float(), fn.float(), norm_eps)
         weights = torch.sigmoid(mixes * scale.float() + base.float()) + eps
-    return weighted_sum(weights.to(streams.dtype), streams)
+        return weighted_sum(weights.to(streams.dtype), streams)
 
 
 class HyperConnectionKernels:
@@ -238,7 +241,8 @@ class HyperConnectionKernels:
         if kernel == "eager" or torch.compiler.is_compiling() or not self.usable(kernel, device):
             return function(*token_args, *other_args)
         try:
-            return self.call_compiled(function, token_args, other_args)
+            with backward_built_with_forward():
+                return self.call_compiled(function, token_args, other_args)
         except Exception as error:  # noqa: BLE001  (narrowed by is_compile_failure)
             if not is_compile_failure(error):
                 raise
@@ -259,7 +263,10 @@ class HyperConnectionKernels:
                 self.available.add(device)
                 return True
             self.unavailable[device] = reason
-            logger.warning(f"mHC hc_kernel={kernel!r}: {reason}; using the eager hyper-connections")
+            # `auto` on a device without a compiled path is the documented choice; a `compiled` request that cannot
+            # be honoured is worth a warning.
+            log = logger.warning if kernel == "compiled" else logger.info
+            log(f"mHC hc_kernel={kernel!r}: {reason}; using the eager hyper-connections")
         return False
 
     def call_compiled(self, function, token_args: tuple, other_args: tuple):
@@ -302,6 +309,15 @@ def compiler_unavailable(device: str) -> str | None:
     return None
 
 
+def backward_built_with_forward():
+    """While autograd records, makes AOTAutograd build the backward together with the forward (it is lazy by
+    default), so that a backward that cannot be built fails inside the fall-back above, not in `loss.backward()`."""
+    config = torch._functorch.config
+    if torch.is_grad_enabled() and hasattr(config, "force_non_lazy_backward_lowering"):
+        return config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
 def is_compile_failure(error: Exception) -> bool:
     """A failure of dynamo / inductor to build code (not an error of the computation itself)."""
     module = type(error).__module__ or ""
@@ -309,8 +325,8 @@ def is_compile_failure(error: Exception) -> bool:
 
 
 HC_KERNELS = HyperConnectionKernels()
-# Up to this many tokens without autograd (decoding steps), `hc_kernel="auto"` writes the streams eagerly: two small
-# matmuls (~20 us at one token on a CPU) cost less than a compiled call's fixed guard and wrapper cost (~45 us).
+# Up to this many tokens without autograd (decoding steps), `hc_kernel="auto"` writes the streams eagerly on a CPU:
+# two small matmuls (~20 us at one token) cost less than a compiled call's fixed guard and wrapper cost (~45 us).
 EAGER_WRITE_MAX_TOKENS = 64
 
 
@@ -375,7 +391,8 @@ class MHCHyperConnection(FP32ParametersMixin, nn.Module):
     def combine(self, streams: torch.Tensor, output: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """`x'[k] = sum_j comb[j, k] x[j] + H_post[k] y`."""
         kernel = self.kernel
-        if kernel == "auto" and not torch.is_grad_enabled() and output[..., 0].numel() <= EAGER_WRITE_MAX_TOKENS:
+        if (kernel == "auto" and streams.device.type == "cpu" and not torch.is_grad_enabled()
+                and output[..., 0].numel() <= EAGER_WRITE_MAX_TOKENS):
             kernel = "eager"
         return HC_KERNELS(kernel, write_streams, (streams, output, post, comb), ())
 
