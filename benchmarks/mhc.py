@@ -265,16 +265,22 @@ def remeasure_memory(args) -> None:
     """Replaces the peak-RSS fields of `RESULTS` (made with the same shape) with new children's."""
     result = json.loads(RESULTS.read_text())
     rss = child_peak_rss(args)
-    peak = summary({kind: [r["peak_rss_mb"] for r in runs] for kind, runs in rss.items()})
+    peak, rss_ratio = memory_summary(rss)
     result["peak_rss_mb"] = {kind: [{key: r[key] for key in ("peak_rss_mb", "import_rss_mb")} for r in runs]
                              for kind, runs in rss.items()}
     result["median_peak_rss_mb"] = peak
-    result["rss_ratio_over_llama"] = {kind: peak[kind] / peak["llama"] for kind in MODELS}
+    result["rss_ratio_over_llama"] = rss_ratio
     for kind, met in result["goals"]["met"].items():
         met["rss_met"] = result["rss_ratio_over_llama"][kind] <= RSS_GOAL
     result["peak_rss_command"] = f"python benchmarks/mhc.py {' '.join(sys.argv[1:])}"
     RESULTS.write_text(json.dumps(result, indent=2))
     print(json.dumps({"median_peak_rss_mb": peak, "rss_ratio_over_llama": result["rss_ratio_over_llama"]}))
+
+
+def memory_summary(rss: dict[str, list[dict[str, float]]]) -> tuple[dict[str, float], dict[str, float]]:
+    """The median peak RSS per model, and its ratio to Llama's."""
+    peak = summary({kind: [r["peak_rss_mb"] for r in runs] for kind, runs in rss.items()})
+    return peak, {kind: peak[kind] / peak["llama"] for kind in MODELS}
 
 
 def summary(values: dict[str, list[float]]) -> dict[str, float]:
@@ -329,12 +335,11 @@ def main() -> None:
                                 "ratio_over_llama": {k: median[k] / median["llama"] for k in MODELS}}
 
     train_median, decode_median = summary(train), summary(decode)
-    peak = summary({kind: [r["peak_rss_mb"] for r in runs] for kind, runs in rss.items()})
+    peak, rss_ratio = memory_summary(rss)
     compile_step = summary({kind: [r["first_step_extra_s"] for r in runs] for kind, runs in rss.items()})
     compile_generate = summary({kind: [r["first_generate_extra_s"] for r in runs] for kind, runs in rss.items()})
     train_ratio = {kind: train_median[kind] / train_median["llama"] for kind in MODELS}
     decode_ratio = {kind: decode_median[kind] / decode_median["llama"] for kind in MODELS}
-    rss_ratio = {kind: peak[kind] / peak["llama"] for kind in MODELS}
     goals = {kind: {"train_met": train_ratio[kind] <= TRAIN_STEP_GOAL, "decode_met": decode_ratio[kind] >= DECODE_GOAL,
                     "rss_met": rss_ratio[kind] <= RSS_GOAL} for kind in MODELS if kind != "llama"}
     result = {

@@ -242,7 +242,7 @@ class HyperConnectionKernels:
             return function(*token_args, *other_args)
         try:
             with backward_built_with_forward():
-                return self.call_compiled(function, token_args, other_args)
+                return self.call_compiled(function, device, token_args, other_args)
         except Exception as error:  # noqa: BLE001  (narrowed by is_compile_failure)
             if not is_compile_failure(error):
                 raise
@@ -269,8 +269,7 @@ class HyperConnectionKernels:
             log(f"mHC hc_kernel={kernel!r}: {reason}; using the eager hyper-connections")
         return False
 
-    def call_compiled(self, function, token_args: tuple, other_args: tuple):
-        device = token_args[0].device.type
+    def call_compiled(self, function, device: str, token_args: tuple, other_args: tuple):
         compiled = self.compiled.get((function, device))
         if compiled is None:
             # On a CPU the generated C++ wrapper (instead of Python) halves the cost of a decoding step's call.
