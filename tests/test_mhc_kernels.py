@@ -285,3 +285,107 @@ def test_the_compiled_read_is_one_graph_for_every_token_count_above_one():
             torch.testing.assert_close(module(streams), read_streams(streams, module.fn, module.base, module.scale,
                                                                      20, 1e-6, 1e-6), **TOLERANCE)
     assert compiled_graphs() == 1
+
+
+# ---------------------------------------------------------------- the CPU decoding kernels (hyper_connection_cpu.py)
+@pytest.mark.parametrize("hc_mult", [1, 2, 4])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 5)])
+def test_cpu_decoding_kernels_equal_the_eager_functions(hc_mult, lead):
+    n, hidden = hc_mult, 32
+    generator = torch.Generator().manual_seed(hc_mult)
+    fn = torch.randn(n * n + 2 * n, n * hidden, generator=generator) * 0.3
+    base, scale = torch.randn(n * n + 2 * n, generator=generator), torch.rand(3, generator=generator) + 0.5
+    streams = torch.randn(*lead, n, hidden, generator=generator)
+    output = torch.randn(*lead, hidden, generator=generator)
+    kernels = HC_KERNELS.cpu_decode
+    assert kernels.ready(), kernels.unavailable
+    with torch.no_grad():
+        expected = read_streams(streams, fn, base, scale, 20, 1e-6, 1e-6)
+        for got, want in zip(kernels.read(streams, fn, base, scale, 20, 1e-6, 1e-6), expected, strict=True):
+            torch.testing.assert_close(got, want, **TOLERANCE)
+        post, comb, _ = expected
+        torch.testing.assert_close(kernels.write(streams, output, post, comb),
+                                   modeling_mhc.write_streams(streams, output, post, comb), **TOLERANCE)
+        # a non-contiguous sub-layer output is taken as well
+        wide = torch.randn(*lead, 2 * hidden, generator=generator)[..., ::2]
+        torch.testing.assert_close(kernels.write(streams, wide, post, comb),
+                                   modeling_mhc.write_streams(streams, wide, post, comb), **TOLERANCE)
+        head_fn, head_base = fn[:n] / 3, base[:n]
+        torch.testing.assert_close(kernels.collapse(streams, head_fn, head_base, scale[:1], 1e-6, 1e-6),
+                                   modeling_mhc.collapse_learned(streams, head_fn, head_base, scale[:1], 1e-6, 1e-6),
+                                   **TOLERANCE)
+
+
+@pytest.mark.parametrize("collapse", ["learned", "sum"])
+def test_auto_decodes_on_the_cpu_kernels_with_the_eager_logits(collapse, monkeypatch):
+    torch.manual_seed(0)
+    eager = MHCForCausalLM(tiny_config(hc_kernel="eager", hc_mult=4, hc_collapse=collapse)).eval()
+    auto = MHCForCausalLM(tiny_config(hc_kernel="auto", hc_mult=4, hc_collapse=collapse)).eval()
+    auto.load_state_dict(eager.state_dict())
+    calls = {function.__name__: 0 for function in HC_KERNELS.cpu_decode_twins}
+    for function, twin in list(HC_KERNELS.cpu_decode_twins.items()):
+        def counted(*args, _twin=twin, _name=function.__name__):
+            calls[_name] += 1
+            return _twin(*args)
+        monkeypatch.setitem(HC_KERNELS.cpu_decode_twins, function, counted)
+    prompt = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+
+    def generate(model):
+        return model.generate(prompt, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+    out, reference = generate(auto), generate(eager)
+    assert torch.equal(out.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(reference.logits, 1), **TOLERANCE)
+    # prefill and 11 cached steps, 2 layers x 2 hyper-connections each, and the learned head once per forward
+    assert calls == {"read_streams": 12 * 4, "write_streams": 12 * 4,
+                     "collapse_learned": 12 if collapse == "learned" else 0}, calls
+    assert compiled_graphs() == 0  # nothing was compiled for decoding
+    # with autograd (training, or a forward outside no_grad) the compiled path is taken, not these kernels
+    auto(prompt, attention_mask=mask)
+    assert sum(calls.values()) == 12 * (8 + (collapse == "learned"))
+
+
+def test_without_a_compiler_auto_decodes_eagerly_with_the_same_tokens(tmp_path):
+    script = textwrap.dedent(BROKEN_COMPILER) + textwrap.dedent("""
+        import hf_ext
+        from hf_ext.models.mhc import MHCConfig, MHCForCausalLM
+        from hf_ext.models.mhc.modeling_mhc import HC_KERNELS
+        fields = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, hc_mult=2)
+        torch.manual_seed(0)
+        eager = MHCForCausalLM(MHCConfig(**fields, hc_kernel="eager")).eval()
+        auto = MHCForCausalLM(MHCConfig(**fields, hc_kernel="auto")).eval()
+        auto.load_state_dict(eager.state_dict())
+        ids = torch.randint(3, 97, (1, 5))
+        kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(auto.generate(ids, **kwargs), eager.generate(ids, **kwargs))
+        assert HC_KERNELS.cpu_decode.library is None and "compiler" in HC_KERNELS.cpu_decode.unavailable
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_saved_remote_code_decodes_on_the_cpu_kernels_without_hf_ext(tmp_path):
+    eager, _ = twins(hc_mult=2)
+    eager.config.hc_kernel = "auto"
+    eager.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "hyper_connection_cpu.py").is_file()  # copied with modeling_mhc.py, which imports it
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    save_file({"ids": ids, "tokens": eager.eval().generate(ids, **kwargs)}, tmp_path / "expected.safetensors")
+    run_without_hf_ext(tmp_path, """
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained("model", trust_remote_code=True).eval()
+        expected = load_file("expected.safetensors")
+        tokens = model.generate(expected["ids"], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(tokens, expected["tokens"])
+        modeling = sys.modules[type(model).__module__]
+        assert modeling.HC_KERNELS.cpu_decode.library is not None, modeling.HC_KERNELS.cpu_decode.unavailable
+        print("ok")
+    """)

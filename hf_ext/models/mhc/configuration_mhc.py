@@ -44,8 +44,10 @@ class MHCConfig(LlamaConfig):
     hc_kernel (`str`, defaults to `"auto"`):
         How the hyper-connection math (mappings, Sinkhorn, weighted read, mixing write, learned collapse) runs:
         `"eager"` (plain PyTorch ops), `"compiled"` (fused by `torch.compile`: C++ kernels on a CPU, Triton on a
-        GPU) or `"auto"` (compiled where the device has a compiler backend, else eager). A compiled path that
-        cannot be built logs one line and falls back to eager. Results agree to rounding (1e-5 in fp32, tested).
+        GPU) or `"auto"` (compiled where the device has a compiler backend, else eager; on a CPU, decoding steps
+        of fp32 models, without autograd and up to 64 tokens, call small C++ kernels instead, see
+        `hyper_connection_cpu.py`). A fused path that cannot be built logs one line and falls back to eager. Results
+        agree to rounding (1e-5 in fp32, tested).
     """
 
     model_type = "mhc_lm"

@@ -48,6 +48,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mhc import MHCConfig
+from .hyper_connection_cpu import CPUDecodeKernels
 
 
 logger = logging.get_logger(__name__)
@@ -225,20 +226,41 @@ class HyperConnectionKernels:
     prefill and batched decoding share one graph per grad mode and single-token decoding (1 token, specialised by
     torch) one more: nothing recompiles per decoding step. A compiled path that cannot be built (no C++ compiler,
     no Triton, an unsupported device or Python) logs one line and the eager functions are used from then on.
+
+    `auto` on a CPU decodes (no autograd, a few tokens) with the C++ twins of the functions in
+    hyper_connection_cpu.py, one call each; when those cannot be built, it writes eagerly and reads compiled.
     """
 
     COMPILABLE_DEVICES = ("cpu", "cuda")
+
+    # Decoding steps (no autograd, at most this many tokens) on a CPU: `auto` calls the C++ kernels of
+    # hyper_connection_cpu.py, whose 13-27 us per call (the work included) is less than a compiled call's fixed cost
+    # (45-80 us) or the ~80 eager operators of a read. They are single-threaded: longer inputs take the paths that
+    # use every core.
+    CPU_DECODE_MAX_TOKENS = 64
 
     def __init__(self):
         self.compiled: dict = {}
         self.available: set[str] = set()  # device types whose compiler backend was found
         self.unavailable: dict[str, str] = {}  # device type -> why its compiled path is not used
+        self.cpu_decode = CPUDecodeKernels()
+        self.cpu_decode_twins = {read_streams: self.cpu_decode.read, write_streams: self.cpu_decode.write,
+                                 collapse_learned: self.cpu_decode.collapse}
 
     def __call__(self, kernel: str, function, token_args: tuple, other_args: tuple):
         """`function(*token_args, *other_args)`; `token_args` are the per-token tensors `[*lead, ...]`, all with the
         same leading dimensions as the first (the streams), every output too."""
-        device = token_args[0].device.type
-        if kernel == "eager" or torch.compiler.is_compiling() or not self.usable(kernel, device):
+        streams = token_args[0]
+        if kernel == "eager" or torch.compiler.is_compiling():
+            return function(*token_args, *other_args)
+        if (kernel == "auto" and streams.is_cpu and not torch.is_grad_enabled()
+                and streams.shape[:-2].numel() <= self.CPU_DECODE_MAX_TOKENS):
+            if self.cpu_decode.accepts(token_args):
+                return self.cpu_decode_twins[function](*token_args, *other_args)
+            if function is write_streams:  # two small matmuls cost less than a compiled call here
+                return function(*token_args, *other_args)
+        device = streams.device.type
+        if not self.usable(kernel, device):
             return function(*token_args, *other_args)
         try:
             with backward_built_with_forward():
@@ -324,9 +346,6 @@ def is_compile_failure(error: Exception) -> bool:
 
 
 HC_KERNELS = HyperConnectionKernels()
-# Up to this many tokens without autograd (decoding steps), `hc_kernel="auto"` writes the streams eagerly on a CPU:
-# two small matmuls (~20 us at one token) cost less than a compiled call's fixed guard and wrapper cost (~45 us).
-EAGER_WRITE_MAX_TOKENS = 64
 
 
 class FP32ParametersMixin:
@@ -389,11 +408,7 @@ class MHCHyperConnection(FP32ParametersMixin, nn.Module):
 
     def combine(self, streams: torch.Tensor, output: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """`x'[k] = sum_j comb[j, k] x[j] + H_post[k] y`."""
-        kernel = self.kernel
-        if (kernel == "auto" and streams.device.type == "cpu" and not torch.is_grad_enabled()
-                and output[..., 0].numel() <= EAGER_WRITE_MAX_TOKENS):
-            kernel = "eager"
-        return HC_KERNELS(kernel, write_streams, (streams, output, post, comb), ())
+        return HC_KERNELS(self.kernel, write_streams, (streams, output, post, comb), ())
 
 
 class MHCHyperHead(FP32ParametersMixin, nn.Module):
@@ -426,7 +441,12 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attn_hc = MHCHyperConnection(config, 2 * layer_idx, f"layer {layer_idx} attn_hc")
         self.ffn_hc = MHCHyperConnection(config, 2 * layer_idx + 1, f"layer {layer_idx} ffn_hc")
-        self.residual_dropout = nn.Dropout(config.residual_dropout)
+        self.residual_dropout = config.residual_dropout
+
+    def dropout(self, output: torch.Tensor) -> torch.Tensor:
+        """`config.residual_dropout` on a sub-layer's output (functional, as Llama's attention dropout: a module call
+        costs more than the whole hyper-connection of a decoding step)."""
+        return F.dropout(output, p=self.residual_dropout, training=self.training)
 
     def forward(
         self,
@@ -446,11 +466,11 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        hidden_states = self.attn_hc.combine(hidden_states, self.residual_dropout(attn_output), post, comb)
+        hidden_states = self.attn_hc.combine(hidden_states, self.dropout(attn_output), post, comb)
 
         post, comb, collapsed = self.ffn_hc(hidden_states)
         mlp_output = self.mlp(self.post_attention_layernorm(collapsed))
-        return self.ffn_hc.combine(hidden_states, self.residual_dropout(mlp_output), post, comb)
+        return self.ffn_hc.combine(hidden_states, self.dropout(mlp_output), post, comb)
 
 
 class MHCPreTrainedModel(PreTrainedModel):
