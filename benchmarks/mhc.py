@@ -306,6 +306,18 @@ def trained_as(kind: str) -> str:
     return "mhc_compiled" if kind == "mhc_auto" else kind
 
 
+def machine_description() -> str:
+    """CPU model, cores, torch and its threads and vector capability: timings differ 2-3x between CPUs."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return (f"{platform.machine()} {names[0] if names else platform.processor()}, {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+
+
 def summary(values: dict[str, list[float]]) -> dict[str, float]:
     return {kind: statistics.median(v) for kind, v in values.items()}
 
@@ -339,6 +351,8 @@ def main() -> None:
     import torch
     from transformers.utils import logging
 
+    from hf_ext.models.mhc.modeling_mhc import HC_KERNELS
+
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     if args.memory_only:
@@ -346,6 +360,8 @@ def main() -> None:
 
     train = training_comparison(fields, args)
     decode = decode_comparison(fields, args)
+    cpu_decode = HC_KERNELS.cpu_decode  # whether `mhc_auto` really decoded with the C++ kernels
+    cpu_decode_kernels = "built" if cpu_decode.library is not None else f"not built ({cpu_decode.unavailable})"
     rss = child_peak_rss(args)
     profile = top_operators(fields, args) if args.profile else None
     parameters = {kind: build_model(kind, fields, args.seed).num_parameters() for kind in MODELS}
@@ -373,9 +389,7 @@ def main() -> None:
         "benchmark": "mhc",
         "command": f"python benchmarks/mhc.py {' '.join(sys.argv[1:])}".strip(),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch "
-                    f"{torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-                    f"{torch.backends.cpu.get_cpu_capability()}"),
+        "machine": machine_description(),
         "config": {"shared": fields, "mhc": MHC_FIELDS, "dtype": "float32", "attn_implementation": "sdpa",
                    "batch_size": args.batch_size, "seq_len": args.seq_len, "optimizer": "AdamW", **ADAMW,
                    "steps_per_run": args.steps, "repeats": args.repeats, "prompt_tokens": PROMPT_TOKENS,
@@ -389,6 +403,7 @@ def main() -> None:
         "decode_tokens_per_second": decode,
         "median_decode_tokens_per_second": decode_median,
         "decode_ratio_over_llama": decode_ratio,
+        "cpu_decode_kernels": cpu_decode_kernels,
         "peak_rss_mb": rss,
         **memory,
         "median_compile_seconds": {"first_training_step_extra": compile_step, "first_generate_extra": compile_generate},
@@ -432,11 +447,13 @@ def main() -> None:
               ratio_digits=2))
     print(f"| compile time paid once: first training step / first generate (s, cold cache, median of {rounds}) | "
           f"{compile_step['mhc_eager']:.1f} / {compile_generate['mhc_eager']:.1f} | "
-          f"{compile_step['mhc_compiled']:.1f} / {compile_generate['mhc_compiled']:.1f} | = compiled | "
+          f"{compile_step['mhc_compiled']:.1f} / {compile_generate['mhc_compiled']:.1f} | "
+          "= compiled / no graph (the C++ build) | "
           f"{compile_step['llama']:.1f} / {compile_generate['llama']:.1f} | - | - | - | - |")
     print(f"| parameters | {parameters['mhc_eager']:,} | {parameters['mhc_compiled']:,} | = compiled | "
           f"{parameters['llama']:,} | {parameters['mhc_eager'] / parameters['llama']:.3f}x | "
           f"{parameters['mhc_compiled'] / parameters['llama']:.3f}x | = compiled | - |")
+    print(f"\nC++ decoding kernels for mhc_auto: {cpu_decode_kernels}")
     for kind, rows in (profile or {}).items():
         print(f"\n{kind}: top operators by self CPU time per training step")
         print("| operator | ms / step | calls / step | share |\n|---|---|---|---|")

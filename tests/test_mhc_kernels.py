@@ -389,3 +389,53 @@ def test_saved_remote_code_decodes_on_the_cpu_kernels_without_hf_ext(tmp_path):
         assert modeling.HC_KERNELS.cpu_decode.library is not None, modeling.HC_KERNELS.cpu_decode.unavailable
         print("ok")
     """)
+
+
+def test_cpu_decoding_kernels_refuse_what_they_cannot_take():
+    """Everything the C++ calls cannot honour goes to the other paths: parameters that are not contiguous fp32 (a
+    model built with `from_config(dtype=torch.bfloat16)` has bf16 ones), and any tracer or transform, which would not
+    see a call into C."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.func import vmap
+    import torch.autograd.forward_ad as forward_ad
+
+    kernels = HC_KERNELS.cpu_decode
+    streams = torch.randn(1, 4, 32)
+    fn, base, scale = torch.randn(24, 128), torch.randn(24), torch.ones(3)
+    assert kernels.accepts((streams,), (fn, base, scale))
+    assert not kernels.accepts((streams,), (fn.bfloat16(), base, scale))
+    assert not kernels.accepts((streams,), (fn.t().contiguous().t(), base, scale))
+    assert not kernels.accepts((streams.double(),), (fn, base, scale))
+    assert kernels.accepts((streams,), (torch.nn.Parameter(fn), base, scale))  # a model's own parameters
+    seen = {}
+
+    def probe(context):
+        def function(x):
+            seen.setdefault(context, set()).add(kernels.accepts((streams,), (fn, base, scale)))
+            return x * 1
+        return function
+
+    with torch.no_grad():
+        torch.jit.trace(probe("jit.trace"), (streams,), check_trace=False)  # (its check calls the function untraced)
+        make_fx(probe("make_fx"))(streams)
+        vmap(probe("vmap"))(streams)
+        with forward_ad.dual_level():
+            probe("forward AD")(forward_ad.make_dual(streams, torch.ones_like(streams)))
+        with torch.device("cpu"):  # a torch-function mode
+            probe("torch.device")(streams)
+        probe("plain")(streams)
+    assert seen == {"jit.trace": {False}, "make_fx": {False}, "vmap": {False}, "forward AD": {False},
+                    "torch.device": {False}, "plain": {True}}, seen
+
+
+def test_residual_dropout_acts_in_training_only_and_is_a_module_that_tools_can_switch_off():
+    torch.manual_seed(0)
+    model = MHCForCausalLM(tiny_config(hc_kernel="eager", residual_dropout=0.5))
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    model.train()
+    assert not torch.equal(model(ids).logits, model(ids).logits)
+    reference = model.eval()(ids).logits
+    for module in model.modules():  # what TRL's disable_dropout_in_model does
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert torch.equal(model.train()(ids).logits, reference)

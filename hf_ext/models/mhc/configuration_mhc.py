@@ -45,7 +45,7 @@ class MHCConfig(LlamaConfig):
         How the hyper-connection math (mappings, Sinkhorn, weighted read, mixing write, learned collapse) runs:
         `"eager"` (plain PyTorch ops), `"compiled"` (fused by `torch.compile`: C++ kernels on a CPU, Triton on a
         GPU) or `"auto"` (compiled where the device has a compiler backend, else eager; on a CPU, decoding steps
-        of fp32 models, without autograd and up to 64 tokens, call small C++ kernels instead, see
+        with fp32 streams, without autograd and up to 64 tokens, call small C++ kernels instead, see
         `hyper_connection_cpu.py`). A fused path that cannot be built logs one line and falls back to eager. Results
         agree to rounding (1e-5 in fp32, tested).
     """

@@ -190,6 +190,10 @@ def build_library() -> ctypes.CDLL:
     return library
 
 
+# Tensor subclasses (fake, functional, quantized and other wrappers) may have no plain memory behind `data_ptr()`.
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 class CPUDecodeKernels:
     """The C++ read / write / collapse for fp32 streams on a CPU, without autograd. `ready()` builds the library on
     first use; when it cannot be built it logs one line and stays unavailable."""
@@ -208,13 +212,20 @@ class CPUDecodeKernels:
                             "the compiled or eager hyper-connections")
         return self.library is not None
 
-    def accepts(self, token_tensors: tuple) -> bool:
-        """Whether the calls below take these per-token tensors (fp32; the caller checks the device, autograd and the
-        token count; the mapping parameters are fp32 by construction), building the library on first use."""
-        return all(tensor.dtype == torch.float32 for tensor in token_tensors) and self.ready()
+    def accepts(self, token_tensors: tuple, parameters: tuple) -> bool:
+        """Whether a call may go to C: plain fp32 CPU tensors, the parameters contiguous, and nothing that records or
+        transforms the computation (the caller checks autograd and the token count). Builds the library on first
+        use."""
+        tensors = (*token_tensors, *parameters)
+        return (plain_eager_call()
+                and all(type(tensor) in PLAIN_TENSOR_TYPES and tensor.dtype == torch.float32 and tensor.is_cpu
+                        for tensor in tensors)
+                and all(parameter.is_contiguous() for parameter in parameters)
+                and self.ready())
 
     # The wrappers below are written for a few microseconds of Python per call: `shape[:-2].numel()`, for one, rather
-    # than a view's `numel()` (~6 us on a slow CPU).
+    # than a view's `numel()` (~6 us on a slow CPU). Every tensor whose pointer goes to C is bound to a name for the
+    # whole call (a temporary from `.contiguous()` would be freed as soon as `.data_ptr()` returned).
 
     def read(self, streams, fn, base, scale, iterations: int, eps: float, norm_eps: float):
         """`read_streams`: `(post [.., n], comb [.., n, n], collapsed [.., hidden])`."""
@@ -222,9 +233,8 @@ class CPUDecodeKernels:
         streams = streams.contiguous()
         post, comb = streams.new_empty(*lead, n), streams.new_empty(*lead, n, n)
         collapsed = streams.new_empty(*lead, hidden)
-        self.library.hc_read(streams.data_ptr(), fn.contiguous().data_ptr(), base.contiguous().data_ptr(),
-                             scale.contiguous().data_ptr(), lead.numel(), n, hidden, iterations, eps, norm_eps,
-                             post.data_ptr(), comb.data_ptr(), collapsed.data_ptr())
+        self.library.hc_read(streams.data_ptr(), fn.data_ptr(), base.data_ptr(), scale.data_ptr(), lead.numel(), n,
+                             hidden, iterations, eps, norm_eps, post.data_ptr(), comb.data_ptr(), collapsed.data_ptr())
         return post, comb, collapsed
 
     def write(self, streams, output, post, comb):
@@ -241,7 +251,20 @@ class CPUDecodeKernels:
         lead, (n, hidden) = streams.shape[:-2], streams.shape[-2:]
         streams = streams.contiguous()
         collapsed = streams.new_empty(*lead, hidden)
-        self.library.hc_collapse(streams.data_ptr(), fn.contiguous().data_ptr(), base.contiguous().data_ptr(),
-                                 scale.contiguous().data_ptr(), lead.numel(), n, hidden, eps, norm_eps,
-                                 collapsed.data_ptr())
+        self.library.hc_collapse(streams.data_ptr(), fn.data_ptr(), base.data_ptr(), scale.data_ptr(), lead.numel(),
+                                 n, hidden, eps, norm_eps, collapsed.data_ptr())
         return collapsed
+
+
+def plain_eager_call() -> bool:
+    """No tracer or transform is watching: a call into C would be invisible to `torch.jit.trace`, to dispatch modes
+    (`make_fx`, fake tensors, FLOP counters), to torch-function modes, to functorch transforms (`vmap`, `grad`) and to
+    forward-mode AD, which would then record or differentiate nothing. (Private torch APIs: where one is missing, the
+    answer is no.)"""
+    try:
+        return not (torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+                    or torch._C._is_torch_function_mode_enabled()
+                    or torch._C._functorch.maybe_current_level() is not None
+                    or torch.autograd.forward_ad._current_level >= 0)
+    except AttributeError:
+        return False

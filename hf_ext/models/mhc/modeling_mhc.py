@@ -255,7 +255,8 @@ class HyperConnectionKernels:
             return function(*token_args, *other_args)
         if (kernel == "auto" and streams.is_cpu and not torch.is_grad_enabled()
                 and streams.shape[:-2].numel() <= self.CPU_DECODE_MAX_TOKENS):
-            if self.cpu_decode.accepts(token_args):
+            parameters = tuple(arg for arg in other_args if isinstance(arg, torch.Tensor))
+            if self.cpu_decode.accepts(token_args, parameters):
                 return self.cpu_decode_twins[function](*token_args, *other_args)
             if function is write_streams:  # two small matmuls cost less than a compiled call here
                 return function(*token_args, *other_args)
@@ -441,12 +442,15 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attn_hc = MHCHyperConnection(config, 2 * layer_idx, f"layer {layer_idx} attn_hc")
         self.ffn_hc = MHCHyperConnection(config, 2 * layer_idx + 1, f"layer {layer_idx} ffn_hc")
-        self.residual_dropout = config.residual_dropout
+        self.residual_dropout = nn.Dropout(config.residual_dropout)
 
     def dropout(self, output: torch.Tensor) -> torch.Tensor:
-        """`config.residual_dropout` on a sub-layer's output (functional, as Llama's attention dropout: a module call
-        costs more than the whole hyper-connection of a decoding step)."""
-        return F.dropout(output, p=self.residual_dropout, training=self.training)
+        """`config.residual_dropout` on a sub-layer's output. A module, so that tools which switch dropout off by
+        module (TRL's `disable_dropout_in_model`) find it; called only when it would act, because the call alone
+        costs more than a decoding step's whole hyper-connection."""
+        if self.training and self.residual_dropout.p > 0:
+            return self.residual_dropout(output)
+        return output
 
     def forward(
         self,
