@@ -250,7 +250,7 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None, check_pat
     stage = reserved("stage")
     if stage is None:
         raise UserInputError(f"{path}: missing key 'stage' (one of: {', '.join(STAGES)})")
-    if stage not in STAGES:
+    if not isinstance(stage, str) or stage not in STAGES:
         raise UserInputError(f"{path}: key 'stage': unknown stage {stage!r}{_closest(str(stage), list(STAGES))}; valid: {', '.join(STAGES)}")
 
     env = reserved("env") or {}
@@ -275,7 +275,7 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None, check_pat
     valid = sorted({a.dest for a in parser._actions if a.dest != "help"} | set(RESERVED_KEYS))
     for key, where in [(k, str(path)) for k in data] + [(k, "command line") for k in cli]:
         if key not in valid:
-            raise UserInputError(f"{where}: unknown key '{key}'{_closest(key, valid)}")
+            raise UserInputError(f"{where}: unknown key {key!r}{_closest(str(key), valid)}")
 
     if "output_dir" not in data and "output_dir" not in cli:
         data["output_dir"] = str(Path("outputs") / path.stem)

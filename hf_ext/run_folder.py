@@ -9,16 +9,21 @@
 | `README.md` | after training | the model card |
 | `archive.json`, `best_state.json`, `discovery.json`, `reward_curve.png` | ttt_discover, every step (and in each checkpoint) | the state archive, the best verified state with its lineage, the per-step search record, its plot |
 | `metrics.json` | last | every number of the run; its presence marks a finished run |
+| `checkpoint-N/` | every `save_steps` (transformers) | weights, optimizer, scheduler, RNG, and `trainer_state.json` last |
 
 Every file is written atomically (a staging file, then `os.replace`), so a reader, or a run killed mid-write, never
-sees half a file. Settings of a finished run are read back through `hf_ext.recipe.saved_recipe`, which parses
+sees half a file. A checkpoint folder is written by transformers file by file; it counts as a checkpoint only once its
+`trainer_state.json`, the last file transformers writes into it, reads back (`RunFolder.latest_checkpoint`), so a run
+killed while saving resumes from the checkpoint before. Settings of a finished run are read back through `hf_ext.recipe.saved_recipe`, which parses
 `recipe.yaml` with the stage's own defaults.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +42,12 @@ ARCHIVE_FILE = "archive.json"
 BEST_STATE_FILE = "best_state.json"
 DISCOVERY_FILE = "discovery.json"
 REWARD_CURVE_FILE = "reward_curve.png"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR folders
+CHECKPOINT_STATE_FILE = "trainer_state.json"
+# The log-history entry (and `metrics.json` key) counting the optimizer steps skipped for a non-finite gradient.
+SKIPPED_STEPS_KEY = "nonfinite_steps_skipped"  # transformers' TRAINER_STATE_NAME, written last into a checkpoint
+
+logger = logging.getLogger("hf_ext")
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -84,8 +95,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def loss_curve(log_history: list[dict]) -> dict[str, list]:
-    """The logged train and eval losses of a trainer's `state.log_history`, as `metrics.json` stores them."""
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    """The logged train and eval losses of a trainer's `state.log_history`, as `metrics.json` stores them. A step
+    skipped for a non-finite gradient is left out: transformers logs it as the window's mean so far (0 when the
+    window is that one step)."""
+    skipped = {h["step"] for h in log_history if SKIPPED_STEPS_KEY in h}
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h and h["step"] not in skipped]
     evaluation = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     return {
         "step": [s for s, _ in train],
@@ -135,6 +149,39 @@ class RunFolder:
 
     def is_finished(self) -> bool:
         return self.file(METRICS_FILE).is_file()
+
+    # checkpoints
+    def checkpoints(self) -> list[Path]:
+        """Every `checkpoint-N` folder, complete or not, oldest step first."""
+        if not self.path.is_dir():
+            return []
+        found = [(int(match.group(1)), entry) for entry in self.path.iterdir()
+                 if (match := CHECKPOINT_PATTERN.match(entry.name)) and entry.is_dir()]
+        return [entry for _, entry in sorted(found)]
+
+    @staticmethod
+    def is_complete_checkpoint(checkpoint: Path) -> bool:
+        """Whether transformers finished writing `checkpoint`: its trainer state, written last, reads back."""
+        try:
+            return isinstance(json.loads((checkpoint / CHECKPOINT_STATE_FILE).read_text()), dict)
+        except (OSError, ValueError):
+            return False
+
+    def latest_checkpoint(self, remove_incomplete: bool = False) -> Path | None:
+        """The newest complete checkpoint, or None. transformers' own `get_last_checkpoint` takes the highest
+        step number, which after a kill during a save is a half-written folder (weights without optimizer or trainer
+        state) that it then fails on or, worse, resumes from with a fresh optimizer. Incomplete folders newer than the
+        one returned are deleted when `remove_incomplete` (the main process only), with one warning each."""
+        latest = None
+        for checkpoint in reversed(self.checkpoints()):
+            if self.is_complete_checkpoint(checkpoint):
+                latest = checkpoint
+                break
+            if remove_incomplete:
+                logger.warning("%s: incomplete (the run was stopped while saving it); removed, resuming from the "
+                               "checkpoint before", checkpoint)
+                shutil.rmtree(checkpoint, ignore_errors=True)
+        return latest
 
     # training record and arguments
     def write_training_record(self, record: dict) -> Path:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from hf_ext.errors import UserInputError
+from hf_ext.run_folder import RunFolder
 
 logger = logging.getLogger("hf_ext")
 
@@ -48,18 +49,22 @@ def option_value(args: list[str], option: str) -> str | None:
     return None
 
 
-def _resume_argument(value: str | None, output_dir: str) -> str | bool | None:
+def _resume_argument(value: str | None, output_dir: str, is_main_process: bool) -> str | None:
+    """The checkpoint folder to resume from: for `true`, the newest one transformers finished writing (incomplete ones
+    after it are removed by the main process); None to start from step 0."""
     if value is None or value.lower() in ("false", "no", "0", ""):
         return None
     if value.lower() in ("true", "yes", "1"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        if not Path(output_dir).is_dir() or get_last_checkpoint(output_dir) is None:
+        latest = RunFolder(output_dir).latest_checkpoint(remove_incomplete=is_main_process)
+        if latest is None:
             logger.warning("resume_from_checkpoint: no checkpoint in %s yet, starting from step 0", output_dir)
             return None
-        return True
+        return str(latest)
     if not Path(value).is_dir():
         raise UserInputError(f"resume_from_checkpoint: checkpoint folder {value} does not exist")
+    if not RunFolder.is_complete_checkpoint(Path(value)):
+        raise UserInputError(f"resume_from_checkpoint: {value} is not a complete checkpoint (no readable "
+                             "trainer_state.json: the run was stopped while saving it); resume from an earlier one")
     return value
 
 
@@ -73,7 +78,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     from hf_ext.loading import peft_config
     from hf_ext.model_card import describe_model, hub_base_model
     from hf_ext.recipe import parse_recipe
-    from hf_ext.run_folder import RunFolder, loss_curve
+    from hf_ext.run_folder import SKIPPED_STEPS_KEY, loss_curve
     from hf_ext.trainers import get_stage
 
     recipe = parse_recipe(recipe_path, overrides)
@@ -107,7 +112,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         peft_config=None if isinstance(model, PeftModel) else peft_config(model_args),  # an adapter keeps training
         render_card=lambda progress, summary: stage.render_card(recipe, progress, summary),  # checkpoint cards
     )
-    resume = _resume_argument(training_args.resume_from_checkpoint, str(folder.path))
+    resume = _resume_argument(training_args.resume_from_checkpoint, str(folder.path), state.is_main_process)
     result = trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_model(str(folder.path))
@@ -139,6 +144,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
             world_size=state.num_processes,
             ranks=per_rank,
             peak_rss_mb=peak_rss_mb(),
+            **{SKIPPED_STEPS_KEY: trainer.skipped_nonfinite_steps()},
             loss_curve=curve,
             torch_threads=torch.get_num_threads(),
         )

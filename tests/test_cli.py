@@ -101,6 +101,8 @@ def test_killed_run_resumes_to_the_same_final_step_and_losses(tmp_path):
 def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     missing_field = tmp_path / "rows.jsonl"
     missing_field.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    malformed = tmp_path / "broken.jsonl"
+    malformed.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n')
     fake_gguf = tmp_path / "fake.gguf"
     fake_gguf.write_bytes(b"not a gguf")
     return {
@@ -109,14 +111,16 @@ def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "missing dataset file": (["--task", "", "--dataset_name", "data/none.jsonl"], "file data/none.jsonl does not exist"),
         "row without response": (["--task", "", "--dataset_name", str(missing_field), "--data_format", "prompt_completion",
                                   "--allow_unverified_data", "true"],
-                                 "row 1: field 'completion': expected a non-empty string"),
+                                 "row 2: field 'completion': expected a non-empty string"),
+        "malformed JSON line": (["--task", "", "--dataset_name", str(malformed), "--allow_unverified_data", "true"],
+                                f"{malformed}, line 2: not valid JSON: Expecting value (column 31)"),
         "model path missing": (["--model_name_or_path", "./models/none"], "model ./models/none: path does not exist"),
         "not a gguf": (["--model_name_or_path", str(fake_gguf)], "not a GGUF file"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing dataset file", "row without response",
-                                  "model path missing", "not a gguf"])
+                                  "malformed JSON line", "model path missing", "not a gguf"])
 def test_bad_input_is_one_line_without_traceback_or_output_folder(tmp_path, case):
     overrides, message = _bad_input_cases(tmp_path)[case]
     out = tmp_path / "never"
@@ -126,6 +130,15 @@ def test_bad_input_is_one_line_without_traceback_or_output_folder(tmp_path, case
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("hf-ext: error: ") and message in last, result.stderr[-2000:]
     assert not out.exists()
+
+
+def test_data_manifest_of_a_malformed_file_is_one_line_naming_the_line(tmp_path):
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": \n')
+    result = run_cli("hf-ext", "data", "manifest", str(data))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"hf-ext: error: {data}, line 3: not valid JSON: Expecting value (column 31)"
+    assert not (tmp_path / "broken.jsonl.manifest.json").exists()
 
 
 def test_every_accelerate_config_parses_with_accelerate_itself():

@@ -147,7 +147,7 @@ def test_dpo_rejects_bad_pairs_with_row_numbers(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     write_manifest(data, generator="test", qc={})
     recipe = _dpo_recipe(tmp_path, data)
-    with pytest.raises(UserInputError, match=r"pairs.jsonl \[train\]: row 1: fields 'chosen' and 'rejected' are identical"):
+    with pytest.raises(UserInputError, match=r"pairs.jsonl \[train\]: row 2: fields 'chosen' and 'rejected' are identical"):
         build_datasets(recipe.script_args, recipe.training_args, tokenizer)
 
 

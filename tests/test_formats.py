@@ -112,13 +112,13 @@ def test_labels_built_by_the_trl_trainer_decode_to_the_response(tokenizer, smoll
 @pytest.mark.parametrize(
     "rows, data_format, message",
     [
-        ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "prompt_completion", "row 1: field 'completion': expected a non-empty string, got nothing"),
-        ([{"prompt": "a", "completion": "  "}], "prompt_completion", "row 0: field 'completion': expected a non-empty string, got an empty string"),
-        ([{"prompt": "a", "completion": 3}], "prompt_completion", "row 0: field 'completion': expected a non-empty string, got int"),
-        ([{"instruction": "a", "response": None}], "instruction", "row 0: field 'response'"),
-        ([{"messages": [{"role": "user", "content": "hi"}]}], "messages", "row 0: field 'messages': no assistant turn"),
-        ([{"messages": [{"role": "bot", "content": "hi"}]}], "messages", "row 0: field 'messages' turn 0: role must be"),
-        ([{"messages": "hi"}], "messages", "row 0: field 'messages': expected a non-empty list"),
+        ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "prompt_completion", "row 2: field 'completion': expected a non-empty string, got nothing"),
+        ([{"prompt": "a", "completion": "  "}], "prompt_completion", "row 1: field 'completion': expected a non-empty string, got an empty string"),
+        ([{"prompt": "a", "completion": 3}], "prompt_completion", "row 1: field 'completion': expected a non-empty string, got int"),
+        ([{"instruction": "a", "response": None}], "instruction", "row 1: field 'response'"),
+        ([{"messages": [{"role": "user", "content": "hi"}]}], "messages", "row 1: field 'messages': no assistant turn"),
+        ([{"messages": [{"role": "bot", "content": "hi"}]}], "messages", "row 1: field 'messages' turn 0: role must be"),
+        ([{"messages": "hi"}], "messages", "row 1: field 'messages': expected a non-empty list"),
     ],
 )
 def test_bad_rows_name_the_row_and_field(tokenizer, rows, data_format, message):
@@ -129,7 +129,7 @@ def test_bad_rows_name_the_row_and_field(tokenizer, rows, data_format, message):
 
 def test_over_length_row_is_an_error_not_a_silent_truncation(tokenizer):
     dataset = Dataset.from_list([{"prompt": "x", "completion": "y"}, {"prompt": "word " * 300, "completion": "z"}])
-    with pytest.raises(UserInputError, match=r"row 1: \d+ tokens is longer than max_length 64"):
+    with pytest.raises(UserInputError, match=r"row 2: \d+ tokens is longer than max_length 64"):
         encode_dataset(dataset, FORMATS["prompt_completion"], tokenizer, max_length=64, source="data.jsonl")
 
 

@@ -188,7 +188,7 @@ def test_training_memory_does_not_grow_with_the_sinkhorn_iterations(kernel):
     """The bytes autograd keeps for the backward of one hyper-connection (64 tokens) at 5, 20 and 40 iterations."""
 
     def saved_bytes(iterations: int) -> int:
-        module = MHCHyperConnection(tiny_config(hc_mult=4, hc_sinkhorn_iters=iterations, hc_kernel=kernel), 0, "hc")
+        module = MHCHyperConnection(tiny_config(hc_mult=4, hc_sinkhorn_iters=iterations, hc_kernel=kernel), 0)
         with torch.no_grad():
             module.fn.normal_(0, 0.1), module.base.zero_(), module.scale.fill_(1.0)
         total = []
@@ -277,7 +277,7 @@ def test_saved_remote_code_chooses_eager_by_itself_without_hf_ext_and_without_a_
 
 
 def test_the_compiled_read_is_one_graph_for_every_token_count_above_one():
-    module = MHCHyperConnection(tiny_config(hc_mult=4, hc_kernel="compiled"), 0, "hc")
+    module = MHCHyperConnection(tiny_config(hc_mult=4, hc_kernel="compiled"), 0)
     with torch.no_grad():
         module.fn.normal_(0, 0.1), module.base.zero_(), module.scale.fill_(1.0)
         for shape in [(2, 7), (3, 5), (1, 9), (4, 33)]:

@@ -168,14 +168,14 @@ def test_teacher_prompts_keep_the_question_past_the_student_limit(tokenizer, tmp
     )
     text = tokenizer.decode(built["teacher_input_ids"][0])
     assert "What is the capital of Peru?" in text and "This is an example for a response" in text and text.count("seven") == 100
-    with pytest.raises(UserInputError, match=r"data \[train\] row 1: the teacher prompt is \d+ tokens, more than max_teacher"):
+    with pytest.raises(UserInputError, match=r"data \[train\] row 2: the teacher prompt is \d+ tokens, more than max_teacher"):
         validated_rows(Dataset.from_list([ROWS[0], {**ROWS[1], "privileged_context": demonstration * 6}]), args,
                        tokenizer, "data [train]")
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": "What is 2 + 2?", "privileged_context": ""}, "row 0: privileged_context .* is empty"),
-    ({"prompt": [{"role": "assistant", "content": "4"}], "privileged_context": "4"}, "row 0: a conversation prompt must end with a user turn"),
+    ({"prompt": "What is 2 + 2?", "privileged_context": ""}, "row 1: privileged_context .* is empty"),
+    ({"prompt": [{"role": "assistant", "content": "4"}], "privileged_context": "4"}, "row 1: a conversation prompt must end with a user turn"),
     ({"prompt": "What is 2 + 2?"}, "no column privileged_context"),
 ])
 def test_bad_rows_are_one_line_errors(tokenizer, tmp_path, row, message):
@@ -308,4 +308,4 @@ def test_bad_data_fails_before_any_model_loads_and_writes_nothing(tmp_path):
     result = run_cli("hf-ext", "train", "recipes/sdft.yaml", "--task", "null", "--dataset_name", str(data),
                      "--allow_unverified_data", "true", "--output_dir", str(out))
     assert result.returncode == 2 and not out.exists()
-    assert f"{data} [train] row 1: privileged_context (the demonstration) is empty" in result.stderr
+    assert f"{data} [train] row 2: privileged_context (the demonstration) is empty" in result.stderr

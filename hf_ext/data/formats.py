@@ -232,7 +232,7 @@ def encode_dataset(dataset, data_format: DataFormat, tokenizer, max_length: int 
             as_format_row(row, data_format)
         )
         if problem:
-            raise UserInputError(f"{source}: row {index}: {problem}")
+            raise UserInputError(f"{source}: row {index + 1}: {problem}")
 
     def encode(row):
         encoded = data_format.encode(as_format_row(row, data_format), tokenizer)
@@ -243,7 +243,7 @@ def encode_dataset(dataset, data_format: DataFormat, tokenizer, max_length: int 
         for index, length in enumerate(len(ids) for ids in encoded["input_ids"]):
             if length > max_length:
                 raise UserInputError(
-                    f"{source}: row {index}: {length} tokens is longer than max_length {max_length}; raise max_length "
+                    f"{source}: row {index + 1}: {length} tokens is longer than max_length {max_length}; raise max_length "
                     "or shorten/remove the row (truncating would cut the response)"
                 )
     return encoded

@@ -230,7 +230,7 @@ class InstructionPrompts:
         rows = [json.loads(line) for line in Path(self.path).read_text().splitlines() if line.strip()]
         for index, row in enumerate(rows):
             if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
-                raise UserInputError(f"instructions {self.path}: row {index}: field 'instruction': expected a non-empty string")
+                raise UserInputError(f"instructions {self.path}: row {index + 1}: field 'instruction': expected a non-empty string")
         return [row["instruction"] for row in rows], manifest
 
     def eval_size(self, manifest: dict) -> int:

@@ -116,23 +116,26 @@ def write_data_file(
 
 
 def vet_file(path: str | Path) -> dict[str, Any]:
-    """`hf-ext data manifest`: validate every row of a user's .jsonl file (SFT rows or preference pairs) and write
-    its manifest, which is returned."""
-    from datasets import load_dataset
-
+    """`hf-ext data manifest`: validate every row of a user's .jsonl file (SFT rows or preference pairs), reading it
+    as a stream, and write its manifest, which is returned. The format is told from the first row."""
     from hf_ext.data.formats import detect_format
     from hf_ext.data.pairs import validate_pair
+    from hf_ext.data.sources import iter_json_rows
 
     if not Path(path).is_file():
         raise UserInputError(f"{path}: file does not exist")
-    rows = load_dataset("json", data_files=str(path))["train"]
-    is_pairs = {"prompt", "chosen", "rejected"} <= set(rows.column_names)
-    data_format = None if is_pairs else detect_format(rows.column_names, "auto", str(path))
-    for index, row in enumerate(rows):
+    is_pairs, data_format, count = False, None, 0
+    for where, row in iter_json_rows(path):
+        if count == 0:
+            is_pairs = {"prompt", "chosen", "rejected"} <= set(row)
+            data_format = None if is_pairs else detect_format(list(row), "auto", f"{path}, {where}")
         problem = validate_pair(row) if is_pairs else data_format.validate(row)
         if problem:
-            raise UserInputError(f"{path}: row {index}: {problem}")
-    qc = {"kind": "pairs" if is_pairs else f"sft ({data_format.name})", "rows_validated": len(rows)}
+            raise UserInputError(f"{path}, {where}: {problem}")
+        count += 1
+    if count == 0:
+        raise UserInputError(f"{path}: no rows (the file is empty)")
+    qc = {"kind": "pairs" if is_pairs else f"sft ({data_format.name})", "rows_validated": count}
     return write_manifest(path, generator="hf-ext data manifest (user-provided file)", qc=qc)
 
 

@@ -6,14 +6,14 @@ import logging
 import math
 import os
 import re
-
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from hf_ext.errors import UserInputError
 from hf_ext.model_card import describe_model
-from hf_ext.run_folder import RunFolder, loss_curve
+from hf_ext.run_folder import SKIPPED_STEPS_KEY, RunFolder, loss_curve
 
 logger = logging.getLogger("hf_ext")
 
@@ -22,17 +22,29 @@ logger = logging.getLogger("hf_ext")
 TASK_EVAL_SPLIT = "task_eval"
 
 
+class NonFiniteTrainingError(UserInputError):
+    """The loss or the gradient became NaN or infinite; the run stopped after saving the last good state."""
+
+
 def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+@dataclass
 class StageConfigMixin:
     """A recipe runs unchanged on a laptop and on a pod, so hardware-dependent settings follow the hardware:
 
     - precision: bf16 on a GPU that has it, fp32 on a CPU (TRL defaults to bf16 everywhere, which fails on a CPU);
     - several processes on a machine without CUDA: `use_cpu`, without which accelerate does not set up DDP over gloo
       and every process would train alone as rank 0.
+
+    Every stage also takes `skip_nonfinite_steps` (see `StageTrainerMixin._get_grad_norm`).
     """
+
+    skip_nonfinite_steps: bool = field(default=False, metadata={"help": (
+        "When the loss or a gradient is NaN or infinite: false (default) saves a checkpoint of the last good state "
+        "and stops with the step and the first module whose output was not finite; true skips that optimizer step "
+        "(no update) and counts it in metrics.json as nonfinite_steps_skipped.")})
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
@@ -57,7 +69,73 @@ class StageTrainerMixin:
         """`render_card(metrics, model_summary)`: the run's model card (`Stage.render_card`), written at every
         checkpoint in place of TRL's generic one; None keeps the parent's card."""
         self.render_card = render_card
+        self.last_inputs = None  # the latest micro-batch, to find where a non-finite loss started
         super().__init__(*args, **kwargs)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.last_inputs = inputs
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """transformers' gradient norm, taken before every optimizer step; a NaN or infinite one (from a non-finite
+        loss on any micro-batch or rank, or a gradient) never reaches the optimizer. With `skip_nonfinite_steps` the
+        gradients are dropped, so the step changes no weight (the schedule still advances); otherwise the weights,
+        still those of the last good step, are saved as `checkpoint-<last good step>` and the run stops with a
+        `NonFiniteTrainingError` naming the step and where the batch first became non-finite."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is None or math.isfinite(float(grad_norm)):
+            return grad_norm
+        step = self.state.global_step + 1
+        if self.args.skip_nonfinite_steps:
+            model.zero_grad(set_to_none=True)
+            skipped = self.skipped_nonfinite_steps() + 1
+            logger.warning("step %d: gradient norm %s; step skipped (%d so far)", step, float(grad_norm), skipped)
+            self.state.log_history.append({SKIPPED_STEPS_KEY: skipped, "step": step})
+            return grad_norm
+        where = self.first_nonfinite_output(model, self.last_inputs)
+        model.zero_grad(set_to_none=True)
+        self._save_checkpoint(model, trial=None)
+        checkpoint = Path(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        raise NonFiniteTrainingError(
+            f"step {step}: the gradient norm is {float(grad_norm)} ({where}); the last good state (step "
+            f"{self.state.global_step}) is saved in {checkpoint}. Lower the learning rate, check the data, or set "
+            "skip_nonfinite_steps: true, then resume with resume_from_checkpoint: true"
+        )
+
+    def skipped_nonfinite_steps(self) -> int:
+        """How many optimizer steps this run (resumes included) skipped for a non-finite gradient."""
+        return max((entry[SKIPPED_STEPS_KEY] for entry in self.state.log_history if SKIPPED_STEPS_KEY in entry),
+                   default=0)
+
+    @staticmethod
+    def first_nonfinite_output(model, inputs) -> str:
+        """Where `inputs` first make the forward pass non-finite: the first module, in call order, whose output holds
+        a NaN or an infinity (for mHC and the other decoders, a layer's name says which layer), found by running the
+        batch once more without gradient."""
+        if not inputs:
+            return "the batch is not available"
+        found: list[str] = []
+
+        def check(name):
+            def hook(module, args, output):
+                if isinstance(output, dict):  # a ModelOutput too
+                    output = list(output.values())
+                tensors = output if isinstance(output, (tuple, list)) else [output]
+                if not found and any(torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
+                                     for t in tensors):
+                    found.append(name)
+            return hook
+
+        handles = [module.register_forward_hook(check(name)) for name, module in model.named_modules() if name]
+        try:
+            with torch.no_grad():
+                model(**{k: v for k, v in inputs.items() if torch.is_tensor(v)})
+        except Exception as error:  # a diagnosis only: the run is stopping anyway
+            return f"the batch could not be run again to find the layer: {type(error).__name__}"
+        finally:
+            for handle in handles:
+                handle.remove()
+        return f"first non-finite output: {found[0]}" if found else "the forward pass is finite: the gradient is not"
 
     @property
     def diagnostics(self):

@@ -89,7 +89,7 @@ class DPOStage(Stage):
             for index, row in enumerate(rows):
                 problem = validate_pair(row)
                 if problem:
-                    raise UserInputError(f"{source} [{name}]: row {index}: {problem}")
+                    raise UserInputError(f"{source} [{name}]: row {index + 1}: {problem}")
 
             def encode(row):
                 return {
@@ -104,7 +104,7 @@ class DPOStage(Stage):
                     length = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
                     if length > training_args.max_length:
                         raise UserInputError(
-                            f"{source} [{name}]: row {index}: {length} tokens is longer than max_length {training_args.max_length}"
+                            f"{source} [{name}]: row {index + 1}: {length} tokens is longer than max_length {training_args.max_length}"
                         )
         if len(encoded["train"]) == 0:
             raise UserInputError(f"{source}: no training pairs")

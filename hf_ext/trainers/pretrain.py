@@ -164,7 +164,7 @@ class PretrainStage(Stage):
                 raise UserInputError(f"{source} [{split}]: no {column!r} column (has: {', '.join(rows.column_names)})")
             for index, text in enumerate(rows[column]):
                 if not isinstance(text, str) or not text.strip():
-                    raise UserInputError(f"{source} [{split}] row {index}: {column!r} must be non-empty text, got {text!r:.60}")
+                    raise UserInputError(f"{source} [{split}] row {index + 1}: {column!r} must be non-empty text, got {text!r:.60}")
             checked[split] = rows.select_columns([column])
         if len(checked["train"]) == 0:
             raise UserInputError(f"{source}: the training split is empty")

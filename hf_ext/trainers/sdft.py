@@ -299,13 +299,13 @@ def validated_rows(rows: Dataset, args: HfExtSDFTConfig, tokenizer, source: str)
     for index, (prompt, context) in enumerate(zip(prompts, contexts)):
         problem = _prompt_problem(prompt) or (None if context.strip() else "privileged_context (the demonstration) is empty")
         if problem:
-            raise UserInputError(f"{source} row {index}: {problem}")
+            raise UserInputError(f"{source} row {index + 1}: {problem}")
     teacher_prompts = [teacher_prompt(args.teacher_prompt_template, p, c) for p, c in zip(prompts, contexts)]
     teacher_ids = encode_prompts(tokenizer, teacher_prompts, args.chat_template_kwargs)
     for index, ids in enumerate(teacher_ids):
         if len(ids) > args.max_teacher_prompt_length:
             raise UserInputError(
-                f"{source} row {index}: the teacher prompt is {len(ids)} tokens, more than max_teacher_prompt_length "
+                f"{source} row {index + 1}: the teacher prompt is {len(ids)} tokens, more than max_teacher_prompt_length "
                 f"{args.max_teacher_prompt_length} (shorten the demonstration or raise the limit)"
             )
     return Dataset.from_dict({"prompt": prompts, "privileged_context": contexts})

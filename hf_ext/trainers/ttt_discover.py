@@ -585,9 +585,7 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         archive's settings are the recipe's, its states, visits and best state the checkpoint's)."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            checkpoint = RunFolder(self.args.output_dir).latest_checkpoint()
         if checkpoint:
             archive, history = RunFolder(checkpoint).read_discovery()
             if archive is None:
@@ -599,7 +597,7 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
             self.history = history
             logger.info("ttt_discover: resumed the archive (%d states, %d rollouts) from %s",
                         len(self.archive.states), self.archive.total_visits, checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return super().train(resume_from_checkpoint=checkpoint or resume_from_checkpoint, **kwargs)
 
 
 class TTTDiscoverStage(Stage):

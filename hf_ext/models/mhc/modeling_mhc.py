@@ -372,14 +372,13 @@ class MHCHyperConnection(FP32ParametersMixin, nn.Module):
     (alpha_pre, alpha_post, alpha_res). Layout of the `n^2 + 2n` outputs: `[pre (n) | post (n) | res (n^2, row-major)]`.
     """
 
-    def __init__(self, config: MHCConfig, sublayer_idx: int, name: str):
+    def __init__(self, config: MHCConfig, sublayer_idx: int):
         super().__init__()
         self.hc_mult = config.hc_mult
         self.sinkhorn_iters = config.hc_sinkhorn_iters
         self.eps = config.hc_eps
         self.norm_eps = config.hc_norm_eps
         self.sublayer_idx = sublayer_idx
-        self.name = name  # for error messages: "layer 3 attn_hc"
         self.kernel = config.hc_kernel
         n = config.hc_mult
         self.fn = nn.Parameter(torch.empty(n * n + 2 * n, n * config.hidden_size))
@@ -440,8 +439,8 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn_hc = MHCHyperConnection(config, 2 * layer_idx, f"layer {layer_idx} attn_hc")
-        self.ffn_hc = MHCHyperConnection(config, 2 * layer_idx + 1, f"layer {layer_idx} ffn_hc")
+        self.attn_hc = MHCHyperConnection(config, 2 * layer_idx)
+        self.ffn_hc = MHCHyperConnection(config, 2 * layer_idx + 1)
         self.residual_dropout = nn.Dropout(config.residual_dropout)
 
     def dropout(self, output: torch.Tensor) -> torch.Tensor:
@@ -573,8 +572,6 @@ class MHCModel(MHCPreTrainedModel):
                 all_streams += (streams,)
 
         hidden_states = self.norm(self.collapse_streams(streams))
-        if self.training and not torch.isfinite(hidden_states).all():
-            raise FloatingPointError(self.describe_non_finite(inputs_embeds, **layer_kwargs))
         all_hidden_states = None
         if output_hidden_states:
             all_hidden_states = (inputs_embeds,) + tuple(self.collapse_streams(s) for s in all_streams[1:-1])
@@ -585,31 +582,6 @@ class MHCModel(MHCPreTrainedModel):
             hidden_streams=all_streams,
             **{CACHE_FIELD: cache},
         )
-
-    @torch.no_grad()
-    def describe_non_finite(self, inputs_embeds: torch.Tensor, **layer_kwargs) -> str:
-        """Re-runs the layers (no cache, no grad) to name the first sub-layer whose mixing matrices are not finite."""
-        culprits: list[str] = []
-
-        def check(module, args, outputs):
-            post, comb, _ = outputs
-            if not culprits and not (torch.isfinite(post).all() and torch.isfinite(comb).all()):
-                culprits.append(module.name)
-
-        hooks = [m.register_forward_hook(check) for m in self.modules() if isinstance(m, MHCHyperConnection)]
-        try:
-            streams = self.expand_streams(inputs_embeds)
-            for decoder_layer in self.layers:
-                streams = decoder_layer(streams, **layer_kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if culprits:
-            return (
-                f"mHC: non-finite values in the mixing matrices (H_post / H_res) of {culprits[0]}; check the learning "
-                "rate, the hc_* gates (`scale`) of that layer and the inputs"
-            )
-        return "mHC: non-finite hidden states, although every mixing matrix is finite (attention / MLP / embeddings)"
 
 
 class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
