@@ -11,12 +11,15 @@ LOWEST_STAMP := $(LOWEST_VENV)/.hf_ext-installed
 # What `make test-lowest` runs: every architecture's contract, the version policy, every shipped recipe parsed, the
 # SDFT and TTT-Discover stages (they override TRL trainers' internal hooks), the Hub round trips, the cards' snippets and
 # the real clients (the saved modeling code runs under whatever transformers the loading user has), and the SFT (the
-# main job under accelerate), DPO and pretraining smoke runs.
+# main job under accelerate), DPO and pretraining smoke runs, and the kill-while-saving and non-finite-step runs (they rely on
+# transformers.Trainer's private _save_checkpoint, _save_rng_state, _get_grad_norm and _run_epoch).
 LOWEST_TESTS := tests/test_architecture_contract.py tests/test_dependencies.py tests/test_recipe.py tests/test_sdft.py \
 	tests/test_ttt_discover.py tests/test_hub.py tests/test_cards.py tests/test_clients.py tests/test_matrix.py \
 	"tests/test_cli.py::test_accelerate_launch_runs_the_main_job_and_writes_every_artifact" \
 	"tests/test_dpo.py::test_dpo_recipe_trains_with_its_nll_term_and_reports_accuracy_before_and_after" \
-	"tests/test_pretrain.py::test_run_writes_a_loadable_mhc_model_with_validation_perplexity"
+	"tests/test_pretrain.py::test_run_writes_a_loadable_mhc_model_with_validation_perplexity" \
+	"tests/test_reliability.py::test_a_run_killed_while_saving_resumes_from_the_checkpoint_before" \
+	"tests/test_reliability.py::test_a_non_finite_step_stops_after_saving_the_last_good_state_or_is_skipped"
 
 .PHONY: install demo test test-lowest bench clean
 

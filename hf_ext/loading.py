@@ -37,10 +37,29 @@ class ModelArguments(ModelConfig):
         metadata={"help": "Modules to adapt: 'all-linear' (every nn.Linear but the output layer) or names."},
     )
     use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantization of 4-bit weights."})
+    allow_pickle_weights: bool = field(default=False, metadata={"help": (
+        "Load weights stored as pickle (pytorch_model.bin, adapter_model.bin) when a model has no safetensors. "
+        "Unpickling can run code: only for a source you trust.")})
 
 
 PACKAGE_SCHEME = "package://"
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+PICKLE_WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def refuse_pickle_weights(folder: str | Path, reference: str) -> None:
+    """A folder whose weights exist only as pickle files is refused: loading them can run code."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_WEIGHTS_SUFFIXES)
+    if pickled:
+        raise UserInputError(
+            f"model {reference}: its weights are pickle files only ({', '.join(pickled)}), and unpickling can run "
+            "code; convert them to safetensors, or set allow_pickle_weights: true for a source you trust"
+        )
 
 
 @dataclass(frozen=True)
@@ -201,7 +220,13 @@ def load_model(model_args, trust_remote_code: bool = False, trainable_adapter: b
         from accelerate import PartialState
 
         device_map = {"": PartialState().local_process_index}  # one quantized copy per rank under DDP
+    if not model_args.allow_pickle_weights:
+        if source.kind in ("folder", "adapter"):
+            refuse_pickle_weights(source.location, source.reference)
+        if source.kind == "adapter" and resolve_model(adapter_base(source.location)).kind == "folder":
+            refuse_pickle_weights(_loadable(source), source.reference)
     kwargs = dict(
+        use_safetensors=None if model_args.allow_pickle_weights else True,  # a Hub model without safetensors is refused
         dtype=model_args.dtype,
         revision=model_args.model_revision if source.kind == "hub" else None,
         attn_implementation=model_args.attn_implementation,

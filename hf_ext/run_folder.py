@@ -14,8 +14,8 @@
 Every file is written atomically (a staging file, then `os.replace`), so a reader, or a run killed mid-write, never
 sees half a file. A checkpoint folder is written by transformers file by file; it counts as a checkpoint only once its
 `trainer_state.json`, the last file transformers writes into it, reads back (`RunFolder.latest_checkpoint`), so a run
-killed while saving resumes from the checkpoint before. Settings of a finished run are read back through `hf_ext.recipe.saved_recipe`, which parses
-`recipe.yaml` with the stage's own defaults.
+killed while saving resumes from the checkpoint before. Settings of a finished run are read back through
+`hf_ext.recipe.saved_recipe`, which parses `recipe.yaml` with the stage's own defaults.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ BEST_STATE_FILE = "best_state.json"
 DISCOVERY_FILE = "discovery.json"
 REWARD_CURVE_FILE = "reward_curve.png"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR folders
-CHECKPOINT_STATE_FILE = "trainer_state.json"
+CHECKPOINT_STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME, written last into a checkpoint
 # The log-history entry (and `metrics.json` key) counting the optimizer steps skipped for a non-finite gradient.
-SKIPPED_STEPS_KEY = "nonfinite_steps_skipped"  # transformers' TRAINER_STATE_NAME, written last into a checkpoint
+SKIPPED_STEPS_KEY = "nonfinite_steps_skipped"
 
 logger = logging.getLogger("hf_ext")
 
@@ -164,8 +164,13 @@ class RunFolder:
         """Whether transformers finished writing `checkpoint`: its trainer state, written last, reads back."""
         try:
             return isinstance(json.loads((checkpoint / CHECKPOINT_STATE_FILE).read_text()), dict)
-        except (OSError, ValueError):
-            return False
+        except (FileNotFoundError, NotADirectoryError, ValueError):  # other OS errors (EIO, EACCES) raise: the folder
+            return False  # may be complete, and `latest_checkpoint` must not delete it
+
+    @staticmethod
+    def checkpoint_step(checkpoint: Path) -> int:
+        """The optimizer step a complete checkpoint was saved at."""
+        return int(json.loads((checkpoint / CHECKPOINT_STATE_FILE).read_text())["global_step"])
 
     def latest_checkpoint(self, remove_incomplete: bool = False) -> Path | None:
         """The newest complete checkpoint, or None. transformers' own `get_last_checkpoint` takes the highest

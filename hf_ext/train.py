@@ -113,6 +113,7 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
         render_card=lambda progress, summary: stage.render_card(recipe, progress, summary),  # checkpoint cards
     )
     resume = _resume_argument(training_args.resume_from_checkpoint, str(folder.path), state.is_main_process)
+    resumed_at = RunFolder.checkpoint_step(Path(resume)) if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_model(str(folder.path))
@@ -132,7 +133,8 @@ def run(recipe_path: str, overrides: list[str] | None = None) -> dict:
     if state.is_main_process:
         metrics.update(stage.task_accuracy(recipe, trainer.model, tokenizer, datasets, "after training"))
         curve = loss_curve(trainer.state.log_history)
-        train_loss = result.metrics.get("train_loss")
+        # None when a resume found the run at max_steps already (transformers then reports 0 for the 0 steps it trained)
+        train_loss = result.metrics.get("train_loss") if trainer.state.global_step > resumed_at else None
         metrics.update(
             task=script_args.task,
             data_format=metrics.get("accuracy_after", {}).get("data_format", script_args.data_format),

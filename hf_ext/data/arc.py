@@ -89,17 +89,18 @@ def parse_grid(value, where: str) -> np.ndarray:
 
 def parse_task(task_id: str, value, source: str = "ARC data") -> Task:
     """Validate one task's JSON (`{"train": [{"input", "output"}...], "test": [...]}`); errors name task and pair."""
+    shown = task_id if task_id.isprintable() else repr(task_id)  # error messages stay one line
     if not isinstance(value, dict) or not isinstance(value.get("train"), list) or not isinstance(value.get("test"), list):
-        raise UserInputError(f"{source}: task {task_id}: expected a mapping with 'train' and 'test' lists of pairs")
+        raise UserInputError(f"{source}: task {shown}: expected a mapping with 'train' and 'test' lists of pairs")
     if not value["train"]:
-        raise UserInputError(f"{source}: task {task_id}: no demonstration ('train') pairs")
+        raise UserInputError(f"{source}: task {shown}: no demonstration ('train') pairs")
     if not value["test"]:
-        raise UserInputError(f"{source}: task {task_id}: no test pairs")
+        raise UserInputError(f"{source}: task {shown}: no test pairs")
     parts = {}
     for part in ("train", "test"):
         pairs = []
         for index, pair in enumerate(value[part]):
-            where = f"{source}: task {task_id} {part} pair {index}"
+            where = f"{source}: task {shown} {part} pair {index}"
             if not isinstance(pair, dict) or "input" not in pair or "output" not in pair:
                 raise UserInputError(f"{where}: expected a mapping with 'input' and 'output' grids")
             pairs.append(Pair(parse_grid(pair["input"], f"{where} input"), parse_grid(pair["output"], f"{where} output")))
@@ -118,7 +119,7 @@ def read_task_file(path: str | Path) -> dict[str, Task]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: not JSON (JSONDecodeError) or not UTF-8 (UnicodeDecodeError)
         raise UserInputError(f"{path}: not a readable JSON file: {error}") from None
     if isinstance(data, dict) and "train" in data and "test" in data and isinstance(data["train"], list):
         return {path.stem: parse_task(path.stem, data, str(path))}

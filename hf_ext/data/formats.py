@@ -193,6 +193,10 @@ class Messages(DataFormat):
 FORMATS: dict[str, DataFormat] = {f.name: f for f in (PromptCompletion(), Messages(), Instruction())}
 
 
+def _names(columns: list[str]) -> str:
+    return ", ".join(c if c.isprintable() else repr(c) for c in columns)  # a key with a newline keeps errors one line
+
+
 def detect_format(columns: list[str], requested: str, source: str) -> DataFormat:
     """The format to use for a dataset with `columns`; `requested` is the recipe's `data_format` (or `auto`)."""
     if requested != "auto":
@@ -202,14 +206,14 @@ def detect_format(columns: list[str], requested: str, source: str) -> DataFormat
         missing = [c for c in data_format.columns if c not in columns]
         if missing:
             raise UserInputError(
-                f"{source}: data_format {requested} needs column(s) {', '.join(missing)}; found {', '.join(columns)}"
+                f"{source}: data_format {requested} needs column(s) {', '.join(missing)}; found {_names(columns)}"
             )
         return data_format
     for data_format in (FORMATS["messages"], FORMATS["instruction"], FORMATS["prompt_completion"]):
         if set(data_format.columns) <= set(columns):
             return data_format
     raise UserInputError(
-        f"{source}: cannot tell the data format from columns {', '.join(columns)}; expected 'messages', "
+        f"{source}: cannot tell the data format from columns {_names(columns)}; expected 'messages', "
         "'instruction' + 'response', or 'prompt' + 'completion'"
     )
 

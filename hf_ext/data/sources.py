@@ -14,72 +14,90 @@ from hf_ext.errors import UserInputError
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-def _kind(value: Any) -> str | None:
-    """The column type a JSON value gives in Arrow (numbers are one kind: Arrow widens int to float), None for null."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "string", list: "list", dict: "object"}[type(value)]
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")  # Python's json accepts NaN and Infinity; Arrow does not
+
+
+def _parse(text: str | bytes) -> Any:
+    return json.loads(text, parse_constant=_no_constant)
 
 
 def iter_json_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, row) for each row of a JSON-lines file (blank lines skipped; read as a stream) or of a `.json` file
-    holding one array of rows (read whole); `where` is "line N" (1-based) or, in an array, "row N" (1-based). Bad input is a
-    one-line `UserInputError` naming the file and the line or row: text that is not JSON, a row that is not an object, or a key whose type differs from the row where it first
-    appeared (the datasets library cannot hold such a column)."""
+    """(where, row) for each row of a local JSON data file, in the forms the datasets library reads: JSON lines (read
+    line by line, blank lines skipped; `where` is "line N"), or a `.json` file holding an array of rows or a mapping of
+    columns (read whole; `where` is "row N"). Numbers count from 1. Bad input is a one-line `UserInputError` naming the
+    file and the line or row: text that is not UTF-8 or not JSON (NaN and Infinity included), or a row that is not an
+    object. A UTF-8 byte-order mark at the start is allowed, as the datasets library allows it."""
     path = Path(path)
-    with open(path, encoding="utf-8") as handle:
-        try:
-            start = handle.read(4096).lstrip()[:1]
-        except UnicodeDecodeError as error:
-            raise UserInputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-        handle.seek(0)
-        if path.suffix == ".json" and start == "[":
-            unit, rows = "row", _read_json_array(path, handle.read())
-        else:
-            unit, rows = "line", _read_json_lines(path, handle)
-        first_seen: dict[str, tuple[str, int]] = {}
-        for number, row in rows:
+    if path.suffix == ".json":
+        document = _read_json_document(path)
+        if document is not None:
+            yield from _rows_of_document(path, document)
+            return
+    yield from _read_json_lines(path)
+
+
+def _read_json_document(path: Path) -> Any | None:
+    """The whole `.json` file parsed as one JSON value, or None when it is JSON lines (more than one value)."""
+    try:
+        return _parse(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        return None  # the line-by-line reader names the line
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":
+            return None
+        raise UserInputError(
+            f"{path}, line {error.lineno}: not valid JSON: {error.msg} (column {error.colno})") from None
+    except ValueError as error:
+        raise UserInputError(f"{path}: not valid JSON: {error}") from None
+    except RecursionError:
+        raise UserInputError(f"{path}: not valid JSON: nested too deeply") from None
+
+
+def _rows_of_document(path: Path, document: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+        lengths = sorted({len(v) for v in document.values()})
+        if len(lengths) > 1:
+            raise UserInputError(f"{path}: a mapping of columns needs columns of one length, got lengths {lengths}")
+        document = [dict(zip(document, values)) for values in zip(*document.values())]
+    elif isinstance(document, dict):
+        document = [document]  # a file of one row
+    if not isinstance(document, list):
+        raise UserInputError(f"{path}: expected an array of rows, a mapping of columns, or one JSON object per line")
+    for number, row in enumerate(document, start=1):
+        if not isinstance(row, dict):
+            raise UserInputError(f"{path}, row {number}: expected a JSON object (one row), got {type(row).__name__}")
+        yield f"row {number}", row
+
+
+def _read_json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, "rb") as handle:  # bytes, decoded line by line, so that a decoding error names its line
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise UserInputError(f"{path}, line {number}: not UTF-8 text ({error.reason} at byte {error.start} of "
+                                     "the line)") from None
+            if not text.strip():
+                continue
+            try:
+                row = _parse(text.rstrip("\r\n"))  # a column past the end names the line's end, not the next
+            except json.JSONDecodeError as error:
+                raise UserInputError(
+                    f"{path}, line {number}: not valid JSON: {error.msg} (column {error.colno})") from None
+            except ValueError as error:
+                raise UserInputError(f"{path}, line {number}: not valid JSON: {error}") from None
+            except RecursionError:
+                raise UserInputError(f"{path}, line {number}: not valid JSON: nested too deeply") from None
             if not isinstance(row, dict):
-                raise UserInputError(f"{path}, {unit} {number}: expected a JSON object (one row), got {type(row).__name__}")
-            for key, value in row.items():
-                kind = _kind(value)
-                if kind is None:
-                    continue
-                seen = first_seen.setdefault(key, (kind, number))
-                if seen[0] != kind:
-                    raise UserInputError(f"{path}, {unit} {number}: key {key!r} is a {kind} here, a {seen[0]} at {unit} "
-                                         f"{seen[1]}; every row must give a key the same type")
-            yield f"{unit} {number}", row
-
-
-def _read_json_lines(path: Path, handle) -> Iterator[tuple[int, Any]]:
-    line = 0
-    try:
-        for line, text in enumerate(handle, start=1):
-            if text.strip():
-                yield line, json.loads(text.rstrip("\r\n"))
-    except json.JSONDecodeError as error:
-        raise UserInputError(f"{path}, line {line}: not valid JSON: {error.msg} (column {error.colno})") from None
-    except UnicodeDecodeError as error:
-        raise UserInputError(f"{path}, line {line + 1}: not UTF-8 text ({error.reason})") from None
-
-
-def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserInputError(f"{path}, line {error.lineno}: not valid JSON: {error.msg} (column {error.colno})") from None
-    if not isinstance(rows, list):
-        raise UserInputError(f"{path}, line 1: expected an array of rows or one JSON object per line")
-    yield from enumerate(rows, start=1)
+                raise UserInputError(
+                    f"{path}, line {number}: expected a JSON object (one row), got {type(row).__name__}")
+            yield f"line {number}", row
 
 
 def check_json_rows(path: str | Path) -> int:
-    """Read a local JSON(-lines) data file once, as a stream, before the datasets library does; the number of rows."""
+    """Read a local JSON data file once, as a stream for JSON lines, before the datasets library does; the number of
+    rows."""
     return sum(1 for _ in iter_json_rows(path))
 
 

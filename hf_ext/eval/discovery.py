@@ -183,9 +183,8 @@ class SpreadPoints(DiscoveryProblem):
         for point in construction:
             if not isinstance(point, (list, tuple)) or len(point) != 2:
                 return None
-            if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in point):
-                return None
-            if not all(0.0 <= c <= 1.0 for c in point):
+            # in range, which also rules out NaN, infinities and ints too large for a float (math.isfinite overflows)
+            if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0.0 <= c <= 1.0 for c in point):
                 return None
             points.append((float(point[0]), float(point[1])))
         return min(math.dist(a, b) for a, b in itertools.combinations(points, 2))

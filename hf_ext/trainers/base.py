@@ -69,21 +69,48 @@ class StageTrainerMixin:
         """`render_card(metrics, model_summary)`: the run's model card (`Stage.render_card`), written at every
         checkpoint in place of TRL's generic one; None keeps the parent's card."""
         self.render_card = render_card
-        self.last_inputs = None  # the latest micro-batch, to find where a non-finite loss started
+        self.nonfinite_batch = None  # this step's first micro-batch whose loss was not finite, for the diagnosis
         super().__init__(*args, **kwargs)
+        if self.args.skip_nonfinite_steps and self.is_deepspeed_enabled:
+            raise UserInputError("skip_nonfinite_steps: not available under DeepSpeed, whose engine steps the optimizer "
+                                 "during the backward pass, before the gradient norm can be checked")
+
+    def _run_epoch(self, *args, **kwargs):
+        """transformers' epoch, except when the run already reached `max_steps`: resuming from the final checkpoint of
+        a run killed before it finished (transformers 5.23-5.24 would train one step past `max_steps` there, as its
+        loop checks the step count only after a step)."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _save_rng_state(self, output_dir):
+        """Every rank's files are on disk before the main one writes `trainer_state.json`, the file that makes a
+        checkpoint complete (`RunFolder.is_complete_checkpoint`): transformers writes the RNG states last but one and
+        has no barrier there."""
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
 
     def training_step(self, model, inputs, *args, **kwargs):
-        self.last_inputs = inputs
-        return super().training_step(model, inputs, *args, **kwargs)
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.nonfinite_batch is None and not torch.isfinite(loss).all():
+            self.nonfinite_batch = inputs
+        return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
         """transformers' gradient norm, taken before every optimizer step; a NaN or infinite one (from a non-finite
         loss on any micro-batch or rank, or a gradient) never reaches the optimizer. With `skip_nonfinite_steps` the
         gradients are dropped, so the step changes no weight (the schedule still advances); otherwise the weights,
-        still those of the last good step, are saved as `checkpoint-<last good step>` and the run stops with a
-        `NonFiniteTrainingError` naming the step and where the batch first became non-finite."""
+        still those of the last good step, are saved as `checkpoint-<last good step>` (unless that checkpoint exists
+        already) and the run stops with a `NonFiniteTrainingError` naming the step and where the batch first became
+        non-finite.
+
+        Left to the library: fp16 (its gradient scaler skips overflowing steps and lowers the scale itself) and
+        DeepSpeed (its engine has stepped the optimizer already, inside the backward pass)."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if grad_norm is None or math.isfinite(float(grad_norm)):
+        nonfinite_batch, self.nonfinite_batch = self.nonfinite_batch, None
+        if (grad_norm is None or math.isfinite(float(grad_norm)) or self.accelerator.scaler is not None
+                or self.is_deepspeed_enabled):
             return grad_norm
         step = self.state.global_step + 1
         if self.args.skip_nonfinite_steps:
@@ -92,14 +119,17 @@ class StageTrainerMixin:
             logger.warning("step %d: gradient norm %s; step skipped (%d so far)", step, float(grad_norm), skipped)
             self.state.log_history.append({SKIPPED_STEPS_KEY: skipped, "step": step})
             return grad_norm
-        where = self.first_nonfinite_output(model, self.last_inputs)
         model.zero_grad(set_to_none=True)
-        self._save_checkpoint(model, trial=None)
-        checkpoint = Path(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        where = ("the loss was finite on this rank: a gradient is not" if nonfinite_batch is None else
+                 "the batch is not run again under FSDP" if self.is_fsdp_enabled else
+                 self.first_nonfinite_output(model, nonfinite_batch))
+        checkpoint = Path(self._get_output_dir(trial=None), f"checkpoint-{self.state.global_step}")
+        if not RunFolder.is_complete_checkpoint(checkpoint):
+            self._save_checkpoint(model, trial=None)
         raise NonFiniteTrainingError(
             f"step {step}: the gradient norm is {float(grad_norm)} ({where}); the last good state (step "
-            f"{self.state.global_step}) is saved in {checkpoint}. Lower the learning rate, check the data, or set "
-            "skip_nonfinite_steps: true, then resume with resume_from_checkpoint: true"
+            f"{self.state.global_step}) is in {checkpoint}. Resume from it with skip_nonfinite_steps: true, or start a "
+            "new run with a lower learning rate (a resume restores the checkpoint's learning rate)"
         )
 
     def skipped_nonfinite_steps(self) -> int:
@@ -109,11 +139,9 @@ class StageTrainerMixin:
 
     @staticmethod
     def first_nonfinite_output(model, inputs) -> str:
-        """Where `inputs` first make the forward pass non-finite: the first module, in call order, whose output holds
-        a NaN or an infinity (for mHC and the other decoders, a layer's name says which layer), found by running the
-        batch once more without gradient."""
-        if not inputs:
-            return "the batch is not available"
+        """Where `inputs` (a micro-batch whose loss was not finite) first make the forward pass non-finite: the first
+        module, in call order, whose output holds a NaN or an infinity (a decoder layer's name says which layer; for
+        mHC, `ffn_hc` / `attn_hc` name a hyper-connection), found by running the batch once more without gradient."""
         found: list[str] = []
 
         def check(name):
@@ -130,7 +158,7 @@ class StageTrainerMixin:
         try:
             with torch.no_grad():
                 model(**{k: v for k, v in inputs.items() if torch.is_tensor(v)})
-        except Exception as error:  # a diagnosis only: the run is stopping anyway
+        except Exception as error:  # a diagnosis only (a DPO or GRPO batch is not `forward`'s keywords): the run stops
             return f"the batch could not be run again to find the layer: {type(error).__name__}"
         finally:
             for handle in handles:
