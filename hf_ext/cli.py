@@ -351,7 +351,10 @@ def arc_command(args: list[str]) -> None:
         tasks = load_subset(subset)
     record = RunFolder(options.model).read_training_record() if Path(options.model).is_dir() else {}
     check_no_leak(record, options.model, tasks)
-    model = AutoModelForSemanticSegmentation.from_pretrained(options.model)
+    from hf_ext.loading import safe_weights_kwargs
+
+    weights = safe_weights_kwargs(options.model, options.model)
+    model = AutoModelForSemanticSegmentation.from_pretrained(options.model, **weights)
     if model.config.model_type != "arc_grid":
         raise UserInputError(f"{options.model}: model_type {model.config.model_type}, expected arc_grid")
 

@@ -58,8 +58,18 @@ def refuse_pickle_weights(folder: str | Path, reference: str) -> None:
     if pickled:
         raise UserInputError(
             f"model {reference}: its weights are pickle files only ({', '.join(pickled)}), and unpickling can run "
-            "code; convert them to safetensors, or set allow_pickle_weights: true for a source you trust"
+            "code; convert them to safetensors, or (in a recipe) set allow_pickle_weights: true for a source you trust"
         )
+
+
+def safe_weights_kwargs(location: str, reference: str, allow_pickle: bool = False) -> dict:
+    """`from_pretrained` keywords for every model hf_ext loads: a local folder whose weights are pickle files only is
+    refused here, and a Hub model without safetensors is refused by transformers (`use_safetensors=True`)."""
+    if allow_pickle:
+        return {}
+    if Path(location).is_dir():
+        refuse_pickle_weights(location, reference)
+    return {"use_safetensors": True}
 
 
 @dataclass(frozen=True)
@@ -220,13 +230,10 @@ def load_model(model_args, trust_remote_code: bool = False, trainable_adapter: b
         from accelerate import PartialState
 
         device_map = {"": PartialState().local_process_index}  # one quantized copy per rank under DDP
-    if not model_args.allow_pickle_weights:
-        if source.kind in ("folder", "adapter"):
-            refuse_pickle_weights(source.location, source.reference)
-        if source.kind == "adapter" and resolve_model(adapter_base(source.location)).kind == "folder":
-            refuse_pickle_weights(_loadable(source), source.reference)
+    if source.kind == "adapter" and not model_args.allow_pickle_weights:
+        refuse_pickle_weights(source.location, source.reference)
     kwargs = dict(
-        use_safetensors=None if model_args.allow_pickle_weights else True,  # a Hub model without safetensors is refused
+        **safe_weights_kwargs(_loadable(source), source.reference, model_args.allow_pickle_weights),
         dtype=model_args.dtype,
         revision=model_args.model_revision if source.kind == "hub" else None,
         attn_implementation=model_args.attn_implementation,

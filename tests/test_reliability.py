@@ -330,6 +330,21 @@ def test_fuzzed_data_files_are_vetted_or_refused_with_file_and_line(lines, tmp_p
 
 
 @FUZZ
+@given(good=st.lists(st.dictionaries(sft_keys, st.text(max_size=12), min_size=1).map(json.dumps), max_size=5),
+       bad=broken_lines.filter(lambda line: line.strip() and line not in ("{}", "\ufeff{}")),
+       blank_lines=st.integers(0, 2))
+def test_a_broken_line_is_named_by_its_own_number(good, bad, blank_lines, tmp_path):
+    from hf_ext.data.sources import check_json_rows
+
+    path = tmp_path / "rows.jsonl"
+    lines = good + [""] * blank_lines + [bad, '{"prompt": "after"}']
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(UserInputError) as raised:
+        check_json_rows(path)
+    assert str(raised.value).startswith(f"{path}, line {len(good) + blank_lines + 1}: ")
+
+
+@FUZZ
 @given(data=st.binary(max_size=64))
 def test_fuzzed_bytes_are_refused_in_one_line(data, tmp_path):
     from hf_ext.data.sources import check_json_rows
@@ -456,6 +471,13 @@ def test_a_model_whose_weights_are_only_pickle_is_refused_unless_allowed(tmp_pat
         load_model(ModelArguments(model_name_or_path=str(tmp_path)))
     allowed = load_model(ModelArguments(model_name_or_path=str(tmp_path), allow_pickle_weights=True))
     assert all(allowed.state_dict()[name].equal(tensor) for name, tensor in weights.items())
+    # the same guard on the loads that do not go through load_model (MLM and ARC stages, ARC and antibody eval)
+    from hf_ext.loading import safe_weights_kwargs
+
+    with pytest.raises(UserInputError, match="its weights are pickle files only"):
+        safe_weights_kwargs(str(tmp_path), "m")
+    assert safe_weights_kwargs(str(tmp_path), "m", allow_pickle=True) == {}
+    assert safe_weights_kwargs("org/hub-model", "org/hub-model") == {"use_safetensors": True}
 
 
 def test_no_output_of_a_run_holds_a_pickle_file(pretrained, masked_lm, arc_champion):

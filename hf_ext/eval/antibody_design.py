@@ -473,14 +473,15 @@ def load_masked_lm(path: str):
     """``AutoModelForMaskedLM`` and ``AutoTokenizer`` from the same folder (or Hub id), with a clear error."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer  # hf_ext's architectures registered by `import hf_ext`
 
-    from hf_ext.loading import resolve_model
+    from hf_ext.loading import resolve_model, safe_weights_kwargs
 
     source = resolve_model(path)  # a missing folder or an uncached Hub id fails here, with the usual messages
     if source.kind not in ("folder", "hub"):
         raise UserInputError(f"model {path}: antibody_design needs a masked-LM folder or Hub id, not a {source.kind}")
+    weights = safe_weights_kwargs(source.location, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location)
-        model = AutoModelForMaskedLM.from_pretrained(source.location)
+        model = AutoModelForMaskedLM.from_pretrained(source.location, **weights)
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserInputError(f"model {path}: cannot load a masked LM and its tokenizer: {first_line}") from None

@@ -203,12 +203,14 @@ class ArcStage(Stage):
     def load_model(self, recipe, tokenizer=None):
         from transformers import AutoModelForSemanticSegmentation
 
-        from hf_ext.loading import new_model
+        from hf_ext.loading import new_model, safe_weights_kwargs
 
         args, model_args = recipe.training_args, recipe.model_args
         tasks = training_tasks(args)
         if model_args.model_name_or_path:
-            model = AutoModelForSemanticSegmentation.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
+            reference = model_args.model_name_or_path
+            weights = safe_weights_kwargs(reference, reference, model_args.allow_pickle_weights)
+            model = AutoModelForSemanticSegmentation.from_pretrained(reference, dtype=torch.float32, **weights)
             if args.task_embedding and list(model.config.task_names or []) != list(tasks.names):
                 raise UserInputError(
                     f"{model_args.model_name_or_path}: its task-embedding rows ({model.config.num_tasks} tasks) are not this "

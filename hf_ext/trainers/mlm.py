@@ -186,12 +186,14 @@ class MLMStage(Stage):
         from transformers import AutoModelForMaskedLM
 
         from hf_ext.data.protein import PROTEIN_MODEL_VOCAB_SIZE
-        from hf_ext.loading import new_model
+        from hf_ext.loading import new_model, safe_weights_kwargs
 
         args, model_args = recipe.training_args, recipe.model_args
         if model_args.model_name_or_path:
+            reference = model_args.model_name_or_path
             return AutoModelForMaskedLM.from_pretrained(
-                model_args.model_name_or_path, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+                reference, dtype=torch.float32, trust_remote_code=args.trust_remote_code,
+                **safe_weights_kwargs(reference, reference, model_args.allow_pickle_weights),
             )
         fields = dict(
             vocab_size=max(len(tokenizer), PROTEIN_MODEL_VOCAB_SIZE),  # the protein vocabulary rounded up to 32
