@@ -1,17 +1,14 @@
 """The README commands, end to end, on the real SmolLM2-135M-Instruct with QLoRA (small step counts)."""
 
 import json
-import signal
 import sys
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, SMALL, cli_env, front_matter, run_cli
+from tests.conftest import REPO, SMALL, front_matter, run_cli
 
 @pytest.mark.slow
 def test_accelerate_launch_runs_the_main_job_and_writes_every_artifact(main_job, tmp_path):
@@ -72,40 +69,6 @@ def test_two_process_run_trains_on_both_ranks_as_one_process_does(tmp_path):
     assert metrics["loss_curve"]["step"] == reference["loss_curve"]["step"] == [1, 2]
     assert metrics["loss_curve"]["loss"] == pytest.approx(reference["loss_curve"]["loss"], rel=1e-5)
     assert ranks[0]["trainable_checksum"] == pytest.approx(reference["ranks"][0]["trainable_checksum"], rel=1e-5)
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_final_step_and_losses(tmp_path):
-    common = ["recipes/sft.yaml", "--max_steps", "6", "--eval_before_training", "false", "--task_eval_size", "1", *SMALL]
-    reference = run_cli("hf-ext", "train", *common, "--output_dir", str(tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
-    out = tmp_path / "killed"
-    process = subprocess.Popen(
-        ["hf-ext", "train", *common, "--output_dir", str(out)], cwd=REPO, env=cli_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 600
-    while not (out / "checkpoint-4" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "run ended before its checkpoint"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
-
-    resumed = run_cli("hf-ext", "train", *common, "--output_dir", str(out), "--resume_from_checkpoint", "true")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == 6
-    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())["loss_curve"]
-    assert metrics["loss_curve"]["step"] == expected["step"] == [1, 2, 3, 4, 5, 6]
-    # Same batches, same weights and optimizer state: losses agree to 1e-3 (a wrong data order or lost optimizer
-    # state moves them by 10-50%). Not bit-exact: after a resume, transformers' restored RNG does not reproduce the
-    # LoRA dropout masks exactly (measured: 6e-6 with lora_dropout 0, 1e-4 with 0.1).
-    assert metrics["loss_curve"]["loss"][:4] == expected["loss"][:4], "steps 1-4 come from the checkpoint's log"
-    assert metrics["loss_curve"]["loss"] == pytest.approx(expected["loss"], rel=1e-3), (
-        "the resumed run continues where the killed one stopped"
-    )
 
 
 def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:

@@ -2,7 +2,8 @@
 
 - A run killed while writing a checkpoint resumes from the checkpoint before it, finishes at its planned step and
   repeats the uninterrupted run's losses.
-- A run killed at a random step of MLM and ARC ends as if never killed.
+- A run killed at a random step ends as if never killed: SFT, DPO, SDFT and TTT-Discover on SmolLM2 with QLoRA,
+  pretraining, MLM and ARC.
 - Two processes under accelerate repeat one process's losses for the same global batch.
 - A non-finite step stops the run with the step and the layer, after saving the last good state, or is skipped and
   counted with `skip_nonfinite_steps`.
@@ -27,7 +28,8 @@ from hypothesis import strategies as st
 
 from hf_ext.errors import UserInputError
 from hf_ext.run_folder import RunFolder
-from tests.conftest import REPO, TINY_ARC_RUN, TINY_BIDIRECTIONAL, TINY_MLM_RUN, cli_env, tiny_overrides
+from tests.conftest import (REPO, TINY_ARC_RUN, TINY_BIDIRECTIONAL, TINY_MHC, TINY_MLM_RUN, TINY_RUN, cli_env,
+                            tiny_overrides)
 
 # ---------------------------------------------------------------- checkpoints: complete or not there
 
@@ -136,6 +138,8 @@ KILLED_AT_STEP = textwrap.dedent("""
 KILLED_STAGES = {
     # stage: (recipe, overrides, the session fixture of the same uninterrupted run, its checkpoints, its steps, the
     #         relative tolerance of the losses after the checkpoint)
+    "pretrain": ("recipes/pretrain_mhc.yaml", ["--config_overrides", json.dumps(TINY_MHC), *TINY_RUN], "pretrained", 2, 4,
+                 1e-5),
     # MLM draws its masks with the global RNG while the data loader fetches a batch. transformers restores the
     # checkpoint's RNG state only after it has fetched the first batch after a resume (`_run_epoch`), so that batch is
     # masked differently, and the losses after the checkpoint differ (measured: 0.4%).
@@ -179,47 +183,47 @@ def test_a_run_killed_at_a_random_step_ends_as_if_never_killed(stage, cache_dir,
 
 # The fine-tuning stages on the real SmolLM2 with QLoRA, 3 steps (TTT-Discover: 2, at 30-100 s a step here), a
 # checkpoint every step, LoRA dropout off (its masks are not part of a checkpoint's RNG state on every path). Measured:
-# the resumed losses equal the uninterrupted run's to 2e-7 (DPO) and exactly (SDFT, TTT-Discover).
-FINE_TUNING_KILLS = {
-    "dpo": ["recipes/dpo.yaml", "--task_train_size", "24", "--task_eval_size", "4", "--per_device_train_batch_size", "2",
-            "--eval_before_training", "false"],
-    "sdft": ["recipes/sdft.yaml", "--task_train_size", "12", "--task_eval_size", "4", "--per_device_train_batch_size",
-             "2", "--max_completion_length", "4", "--eval_before_training", "false"],
-    "ttt_discover": ["recipes/ttt_discover.yaml", "--max_steps", "2", "--groups_per_batch", "1", "--group_size", "4",
-                     "--per_device_train_batch_size", "4", "--max_completion_length", "16"],
+# the resumed losses equal the uninterrupted run's to 3e-7 (SFT, DPO) and exactly (SDFT, TTT-Discover).
+FINE_TUNING_KILLS = {  # stage: (steps, recipe and overrides)
+    "sft": (3, ["recipes/sft.yaml", "--task_train_size", "24", "--task_eval_size", "4", "--per_device_train_batch_size",
+                "2", "--eval_before_training", "false"]),
+    "dpo": (3, ["recipes/dpo.yaml", "--task_train_size", "24", "--task_eval_size", "4", "--per_device_train_batch_size",
+                "2", "--eval_before_training", "false"]),
+    "sdft": (3, ["recipes/sdft.yaml", "--task_train_size", "12", "--task_eval_size", "4", "--per_device_train_batch_size",
+                 "2", "--max_completion_length", "4", "--eval_before_training", "false"]),
+    "ttt_discover": (2, ["recipes/ttt_discover.yaml", "--groups_per_batch", "1", "--group_size", "4",
+                         "--per_device_train_batch_size", "4", "--max_completion_length", "16"]),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", list(FINE_TUNING_KILLS))
 def test_a_killed_fine_tuning_run_resumes_as_the_uninterrupted_run(stage, tmp_path):
-    """SIGKILL as soon as `checkpoint-1` is complete (the middle of step 2); the resumed run repeats the uninterrupted
-    one: the same losses and, for TTT-Discover, the same archive and best state."""
-    import time
+    """SIGKILL at the start of a random step after the first checkpoint (drawn with the stage's name as seed: SFT and
+    DPO step 3, SDFT and TTT-Discover step 2); the resumed run repeats the uninterrupted one: the same losses and, for
+    TTT-Discover, the same archive and best state."""
+    import random
 
-    recipe, *overrides = FINE_TUNING_KILLS[stage]
-    command = ["hf-ext", "train", recipe, "--max_steps", "3", "--save_steps", "1", "--logging_steps", "1",
-               "--lora_dropout", "0", *overrides]
+    steps, (recipe, *overrides) = FINE_TUNING_KILLS[stage]
+    arguments = [recipe, "--max_steps", str(steps), "--save_steps", "1", "--logging_steps", "1", "--lora_dropout", "0",
+                 *overrides]
+    kill_step = random.Random(stage).randint(2, steps)
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    finished = subprocess.run([*command, "--output_dir", str(reference)], cwd=REPO, env=cli_env(),
-                              capture_output=True, text=True, timeout=900)
+    finished = subprocess.run(["hf-ext", "train", *arguments, "--output_dir", str(reference)], cwd=REPO,
+                              env=cli_env(), capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    process = subprocess.Popen([*command, "--output_dir", str(out)], cwd=REPO, env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not RunFolder.is_complete_checkpoint(out / "checkpoint-1"):
-        assert process.poll() is None and time.time() < deadline, "the run ended before its checkpoint"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL and not (out / "metrics.json").exists()
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP, *arguments, "--output_dir", str(out)], cwd=REPO,
+                            env=dict(cli_env(), KILL_STEP=str(kill_step)), capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
+    assert RunFolder(out).latest_checkpoint() == out / f"checkpoint-{kill_step - 1}"
 
-    resumed = subprocess.run([*command, "--output_dir", str(out), "--resume_from_checkpoint", "true"], cwd=REPO,
-                             env=cli_env(), capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(["hf-ext", "train", *arguments, "--output_dir", str(out), "--resume_from_checkpoint",
+                              "true"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics, expected = (json.loads((folder / "metrics.json").read_text()) for folder in (out, reference))
-    steps = list(range(1, expected["global_step"] + 1))
-    assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == expected["global_step"]
-    assert metrics["loss_curve"]["step"] == expected["loss_curve"]["step"] == steps
+    every_step = list(range(1, steps + 1))
+    assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == expected["global_step"] == steps
+    assert metrics["loss_curve"]["step"] == expected["loss_curve"]["step"] == every_step
     assert metrics["loss_curve"]["loss"] == pytest.approx(expected["loss_curve"]["loss"], rel=1e-5)
     if stage == "ttt_discover":  # the search continues from the checkpoint's archive, as if never interrupted
         for name in ("archive.json", "best_state.json"):
@@ -228,7 +232,7 @@ def test_a_killed_fine_tuning_run_resumes_as_the_uninterrupted_run(stage, tmp_pa
                                      for folder in (out, reference))
         for record in (*searched, *expected_search):
             record.pop("seconds")  # wall-clock times
-        assert searched == expected_search and [record["step"] for record in searched] == steps
+        assert searched == expected_search and [record["step"] for record in searched] == every_step
 
 
 def test_a_non_finite_step_stops_after_saving_the_last_good_state_or_is_skipped(cache_dir, tmp_path):

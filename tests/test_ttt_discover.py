@@ -559,6 +559,35 @@ def test_a_killed_run_resumes_with_its_archive_and_step_count(tmp_path, tokenize
     assert best["verified"] and best["rollouts"] == 24 and files.file("reward_curve.png").stat().st_size > 0
 
 
+
+def test_a_non_finite_step_saves_the_search_of_the_last_good_step(tmp_path, tokenizer, monkeypatch):
+    """The stop after a non-finite gradient at step 2 saves checkpoint-1 with the archive of step 1 (its weights'
+    step), not with step 2's rollouts: the resume redoes step 2 and counts its rollouts once."""
+    import transformers
+
+    from hf_ext.trainers.base import NonFiniteTrainingError
+
+    get_grad_norm = transformers.Trainer._get_grad_norm
+
+    def infinite_at_step_2(self, model, grad_norm=None):
+        norm = get_grad_norm(self, model, grad_norm=grad_norm)
+        return math.inf if self.state.global_step == 1 else norm
+
+    monkeypatch.setattr(transformers.Trainer, "_get_grad_norm", infinite_at_step_2)
+    stopped = make_trainer(tmp_path, tokenizer, max_steps=2, save_strategy="no")
+    with pytest.raises(NonFiniteTrainingError, match="step 2: the gradient norm is inf"):
+        stopped.train()
+    assert stopped.archive.total_visits == 16  # step 2's rollouts were made before its gradient
+    archive, history = RunFolder(tmp_path / "run" / "checkpoint-1").read_discovery()
+    assert archive["total_visits"] == 8 and [h["step"] for h in history] == [1]
+    best = json.loads((tmp_path / "run" / "checkpoint-1" / "best_state.json").read_text())
+    assert best["rollouts"] == 8
+
+    monkeypatch.undo()
+    resumed = make_trainer(tmp_path, tokenizer, max_steps=2, save_strategy="no")
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.archive.total_visits == 16 and [h["step"] for h in resumed.history] == [1, 2]
+
 def test_bad_recipe_key_fails_before_any_model_loads(tmp_path):
     output = tmp_path / "never"
     result = run_cli("hf-ext", "train", str(REPO / "recipes/ttt_discover.yaml"), "--group_size", "2",

@@ -22,6 +22,7 @@ in every checkpoint and back on resume). specs/ttt_discover.md has the formulas 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -360,6 +361,7 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         self.limits = SandboxLimits(timeout=args.sandbox_timeout, memory_mb=args.sandbox_memory_mb)
         self.archive = initial_archive(self.problem, args.new_archive(), args.groups_per_batch)
         self.history: list[dict] = []
+        self.search_before_step: tuple[PUCTArchive, list[dict]] | None = None  # (archive, history), main process
         self._parents: dict[int, State] = {}  # this process's parents of the current step
         self._step_parents: dict[int, State] = {}  # every process's
         self._rollouts: list[tuple[int, dict, float | None]] = []  # (parent id, attempt, reward) of this process
@@ -518,6 +520,9 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         valid = sum(1 for _, attempt, _ in rollouts if attempt["value"] is not None)
         if self.accelerator.is_main_process:
+            # the search as of the last finished step, for a checkpoint written before this step finishes (the stop
+            # after a non-finite gradient saves the weights of the step before)
+            self.search_before_step = (copy.deepcopy(self.archive), list(self.history))
             for state_id, attempt, _ in rollouts:
                 parent = self._step_parents[state_id]
                 key = self._key(attempt) if attempt["value"] is not None else None
@@ -553,31 +558,40 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
             self.write_search(Path(self.args.output_dir))
 
     # files and resume
-    def write_search(self, folder: Path) -> None:
+    def write_search(self, folder: Path, archive: PUCTArchive | None = None, history: list[dict] | None = None) -> None:
+        """The archive, its best state, the per-step record and the reward curve (default: the search so far)."""
+        archive = self.archive if archive is None else archive
+        history = self.history if history is None else history
         run = RunFolder(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        run.write_discovery(self.archive.to_dict(), self.best_state(), self.history)
-        run.plot_reward_curve(self.history, f"ttt_discover: {self.problem.name}")
+        run.write_discovery(archive.to_dict(), self.best_state(archive), history)
+        run.plot_reward_curve(history, f"ttt_discover: {self.problem.name}")
 
-    def best_state(self) -> dict:
-        best = self.archive.best
+    def best_state(self, archive: PUCTArchive | None = None) -> dict:
+        archive = self.archive if archive is None else archive
+        best = archive.best
         return {
             "problem": self.problem.name,
             "value": best.value if best else None,
             "state": asdict(best) if best else None,
-            "lineage": self.archive.best_lineage,
+            "lineage": archive.best_lineage,
             "verified": best is not None and self.problem.verify(best.construction) == best.value,
-            "rollouts": self.archive.total_visits,
+            "rollouts": archive.total_visits,
         }
 
     def _save_checkpoint(self, model, trial):
         """The search's files go into the checkpoint folder first, before transformers writes the trainer state that
-        makes it a checkpoint: a run killed in between never leaves a checkpoint without its archive."""
+        makes it a checkpoint: a run killed in between never leaves a checkpoint without its archive. A checkpoint
+        written in the middle of a step (the stop after a non-finite gradient) holds the search as of the step before,
+        as its weights do: a resume redoes the step's rollouts instead of counting them twice."""
         if self.is_world_process_zero():
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             checkpoint = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            self.write_search(checkpoint)
+            if self.history and self.history[-1]["step"] > self.state.global_step:
+                self.write_search(checkpoint, *self.search_before_step)
+            else:
+                self.write_search(checkpoint)
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
