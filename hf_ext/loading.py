@@ -302,11 +302,16 @@ UNSLOTH_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 def load_unsloth_model(model_args, max_seq_length: int):
     """The model through Unsloth's `FastLanguageModel` (CUDA GPUs only), with LoRA applied by Unsloth itself.
 
-    Unsloth does not take `all-linear`: it gets the attention and MLP projections of Llama-style models."""
+    Unsloth does not take `all-linear`: it gets the attention and MLP projections of Llama-style models. A local
+    folder whose weights are pickle files only is refused as in `load_model`; whether Unsloth passes
+    `use_safetensors` on to transformers for a Hub model is untested here (Unsloth needs a CUDA GPU), so it is not
+    relied on."""
+    location = _loadable(resolve_model(model_args.model_name_or_path))
+    safe_weights_kwargs(location, model_args.model_name_or_path, model_args.allow_pickle_weights)  # refuses or passes
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(
-        model_name=_loadable(resolve_model(model_args.model_name_or_path)),
+        model_name=location,
         max_seq_length=max_seq_length,
         dtype=None if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
         load_in_4bit=model_args.load_in_4bit,

@@ -559,7 +559,6 @@ def test_a_killed_run_resumes_with_its_archive_and_step_count(tmp_path, tokenize
     assert best["verified"] and best["rollouts"] == 24 and files.file("reward_curve.png").stat().st_size > 0
 
 
-
 def test_a_non_finite_step_saves_the_search_of_the_last_good_step(tmp_path, tokenizer, monkeypatch):
     """The stop after a non-finite gradient at step 2 saves checkpoint-1 with the archive of step 1 (its weights'
     step), not with step 2's rollouts: the resume redoes step 2 and counts its rollouts once."""
@@ -578,6 +577,8 @@ def test_a_non_finite_step_saves_the_search_of_the_last_good_step(tmp_path, toke
     with pytest.raises(NonFiniteTrainingError, match="step 2: the gradient norm is inf"):
         stopped.train()
     assert stopped.archive.total_visits == 16  # step 2's rollouts were made before its gradient
+    live = json.loads((tmp_path / "run" / "archive.json").read_text())
+    assert live["total_visits"] == 16, "the run folder's own record keeps every rollout made"
     archive, history = RunFolder(tmp_path / "run" / "checkpoint-1").read_discovery()
     assert archive["total_visits"] == 8 and [h["step"] for h in history] == [1]
     best = json.loads((tmp_path / "run" / "checkpoint-1" / "best_state.json").read_text())
@@ -587,6 +588,7 @@ def test_a_non_finite_step_saves_the_search_of_the_last_good_step(tmp_path, toke
     resumed = make_trainer(tmp_path, tokenizer, max_steps=2, save_strategy="no")
     resumed.train(resume_from_checkpoint=True)
     assert resumed.archive.total_visits == 16 and [h["step"] for h in resumed.history] == [1, 2]
+
 
 def test_bad_recipe_key_fails_before_any_model_loads(tmp_path):
     output = tmp_path / "never"

@@ -361,7 +361,8 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         self.limits = SandboxLimits(timeout=args.sandbox_timeout, memory_mb=args.sandbox_memory_mb)
         self.archive = initial_archive(self.problem, args.new_archive(), args.groups_per_batch)
         self.history: list[dict] = []
-        self.search_before_step: tuple[PUCTArchive, list[dict]] | None = None  # (archive, history), main process
+        # (step, archive, history) as of the end of `step`, taken before the next step's rollouts (main process)
+        self._search_at_step: tuple[int, PUCTArchive, list[dict]] | None = None
         self._parents: dict[int, State] = {}  # this process's parents of the current step
         self._step_parents: dict[int, State] = {}  # every process's
         self._rollouts: list[tuple[int, dict, float | None]] = []  # (parent id, attempt, reward) of this process
@@ -520,9 +521,10 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         valid = sum(1 for _, attempt, _ in rollouts if attempt["value"] is not None)
         if self.accelerator.is_main_process:
-            # the search as of the last finished step, for a checkpoint written before this step finishes (the stop
-            # after a non-finite gradient saves the weights of the step before)
-            self.search_before_step = (copy.deepcopy(self.archive), list(self.history))
+            if not self.args.skip_nonfinite_steps:
+                # the search as of the last finished step, for a checkpoint written before this step finishes (the
+                # stop after a non-finite gradient saves the weights of the step before)
+                self._search_at_step = (step - 1, copy.deepcopy(self.archive), list(self.history))
             for state_id, attempt, _ in rollouts:
                 parent = self._step_parents[state_id]
                 key = self._key(attempt) if attempt["value"] is not None else None
@@ -588,8 +590,9 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             checkpoint = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            if self.history and self.history[-1]["step"] > self.state.global_step:
-                self.write_search(checkpoint, *self.search_before_step)
+            snapshot = self._search_at_step
+            if snapshot is not None and snapshot[0] == self.state.global_step and self.history[-1]["step"] > snapshot[0]:
+                self.write_search(checkpoint, *snapshot[1:])
             else:
                 self.write_search(checkpoint)
         super()._save_checkpoint(model, trial)
