@@ -151,6 +151,31 @@ KILLED_STAGES = {
 }
 
 
+def kill_and_resume(arguments: list[str], out, env: dict, kill_step: int, every: int, reference, tolerance: float):
+    """`hf-ext train arguments` into `out`, SIGKILLed at the start of `kill_step` and resumed: the resume takes the last
+    checkpoint before the kill (one every `every` steps) and ends as the uninterrupted run in `reference` did, the
+    losses up to the checkpoint identical (they come from its log) and the later ones within `tolerance`. Returns
+    the resumed run's metrics."""
+    arguments = [*arguments, "--output_dir", str(out)]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP, *arguments], cwd=REPO,
+                            env=dict(env, KILL_STEP=str(kill_step)), capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
+    resumed_at = (kill_step - 1) // every * every
+    assert RunFolder(out).latest_checkpoint() == out / f"checkpoint-{resumed_at}"
+
+    resumed = subprocess.run(["hf-ext", "train", *arguments, "--resume_from_checkpoint", "true"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics, expected = (json.loads((folder / "metrics.json").read_text()) for folder in (out, reference))
+    assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == expected["global_step"]
+    assert metrics["loss_curve"]["step"] == expected["loss_curve"]["step"]
+    kept = sum(1 for step in metrics["loss_curve"]["step"] if step <= resumed_at)
+    losses, reference_losses = metrics["loss_curve"]["loss"], expected["loss_curve"]["loss"]
+    assert losses[:kept] == reference_losses[:kept], "the steps up to the checkpoint come from its log"
+    assert losses[kept:] == pytest.approx(reference_losses[kept:], rel=tolerance)
+    return metrics
+
+
 @pytest.mark.parametrize("stage", list(KILLED_STAGES))
 def test_a_run_killed_at_a_random_step_ends_as_if_never_killed(stage, cache_dir, tmp_path, request):
     """SIGKILL at the start of a random step (drawn with the stage's name as seed) after the first checkpoint; the
@@ -159,26 +184,10 @@ def test_a_run_killed_at_a_random_step_ends_as_if_never_killed(stage, cache_dir,
 
     recipe, overrides, fixture, every, steps, tolerance = KILLED_STAGES[stage]
     kill_step = random.Random(stage).randint(every + 1, steps)
-    reference = request.getfixturevalue(fixture)
-    out = tmp_path / stage
     env = dict(cli_env(), HF_EXT_CACHE=str(cache_dir))
-    arguments = [recipe, *overrides, "--output_dir", str(out)]
-    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP, *arguments], cwd=REPO,
-                            env=dict(env, KILL_STEP=str(kill_step)), capture_output=True, text=True, timeout=900)
-    assert killed.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
-    resumed_at = (kill_step - 1) // every * every  # the last checkpoint before the killed step
-    assert RunFolder(out).latest_checkpoint() == out / f"checkpoint-{resumed_at}"
-
-    resumed = subprocess.run(["hf-ext", "train", *arguments, "--resume_from_checkpoint", "true"], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    metrics, expected = (json.loads((folder / "metrics.json").read_text()) for folder in (out, reference))
-    assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == expected["global_step"] == steps
-    assert metrics["loss_curve"]["step"] == expected["loss_curve"]["step"]
-    kept = sum(1 for step in metrics["loss_curve"]["step"] if step <= resumed_at)
-    losses, reference_losses = metrics["loss_curve"]["loss"], expected["loss_curve"]["loss"]
-    assert losses[:kept] == reference_losses[:kept], "the steps up to the checkpoint come from its log"
-    assert losses[kept:] == pytest.approx(reference_losses[kept:], rel=tolerance)
+    metrics = kill_and_resume([recipe, *overrides], tmp_path / stage, env, kill_step, every,
+                              request.getfixturevalue(fixture), tolerance)
+    assert metrics["global_step"] == steps
 
 
 # The fine-tuning stages on the real SmolLM2 with QLoRA, 3 steps (TTT-Discover: 2, at 30-100 s a step here), a
@@ -212,21 +221,9 @@ def test_a_killed_fine_tuning_run_resumes_as_the_uninterrupted_run(stage, tmp_pa
     finished = subprocess.run(["hf-ext", "train", *arguments, "--output_dir", str(reference)], cwd=REPO,
                               env=cli_env(), capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP, *arguments, "--output_dir", str(out)], cwd=REPO,
-                            env=dict(cli_env(), KILL_STEP=str(kill_step)), capture_output=True, text=True, timeout=900)
-    assert killed.returncode == -signal.SIGKILL and not (out / "metrics.json").exists()
-    assert RunFolder(out).latest_checkpoint() == out / f"checkpoint-{kill_step - 1}"
-
-    resumed = subprocess.run(["hf-ext", "train", *arguments, "--output_dir", str(out), "--resume_from_checkpoint",
-                              "true"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    metrics, expected = (json.loads((folder / "metrics.json").read_text()) for folder in (out, reference))
+    metrics = kill_and_resume(arguments, out, cli_env(), kill_step, 1, reference, 1e-5)
     every_step = list(range(1, steps + 1))
-    assert metrics["resumed_from_checkpoint"] and metrics["global_step"] == expected["global_step"] == steps
-    assert metrics["loss_curve"]["step"] == expected["loss_curve"]["step"] == every_step
-    losses, reference_losses = metrics["loss_curve"]["loss"], expected["loss_curve"]["loss"]
-    assert losses[:kill_step - 1] == reference_losses[:kill_step - 1], "the steps up to the checkpoint come from its log"
-    assert losses == pytest.approx(reference_losses, rel=1e-5)
+    assert metrics["global_step"] == steps and metrics["loss_curve"]["step"] == every_step
     if stage == "ttt_discover":  # the search continues from the checkpoint's archive, as if never interrupted
         for name in ("archive.json", "best_state.json"):
             assert json.loads((out / name).read_text()) == json.loads((reference / name).read_text()), name

@@ -591,7 +591,7 @@ class HfExtTTTDiscoverTrainer(StageTrainerMixin, GRPOTrainer):
 
             checkpoint = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             snapshot = self._search_at_step
-            if snapshot is not None and snapshot[0] == self.state.global_step and self.history[-1]["step"] > snapshot[0]:
+            if snapshot is not None and snapshot[0] == self.state.global_step:  # taken during the step after it
                 self.write_search(checkpoint, *snapshot[1:])
             else:
                 self.write_search(checkpoint)
